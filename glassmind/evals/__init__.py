@@ -1,0 +1,1 @@
+"""glassmind.evals"""

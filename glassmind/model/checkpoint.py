@@ -73,6 +73,7 @@ def read_state_dict(run_dir: str | os.PathLike, *, allow_pickle: bool = False) -
 
 
 def load_model(run_dir: str | os.PathLike, *, allow_pickle: bool = False, device: str | torch.device = "cpu"):
+    """The model of a run directory, in eval mode (dropout off), on `device`."""
     from glassmind.model.transformer import Transformer
 
     cfg = load_config(run_dir)
@@ -96,7 +97,7 @@ def load_model(run_dir: str | os.PathLike, *, allow_pickle: bool = False, device
         raise GlassmindError(f"{where} does not match {Path(run_dir) / CONFIG_FILE}: " + ", ".join(parts))
     model.load_state_dict(state, assign=True)
     _rebuild_buffers(model)
-    return model.to(device)
+    return model.to(device).eval()  # like from_pretrained: training verbs call .train() themselves
 
 
 def _rebuild_buffers(model) -> None:

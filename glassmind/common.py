@@ -16,10 +16,13 @@ import sys
 import tempfile
 import typing
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# torch and numpy are imported inside the functions that need them: `glassmind tokenizer ...` and the
+# corpus readers then start in a fraction of a second instead of paying for torch's import.
 
 
 class GlassmindError(Exception):
@@ -33,8 +36,10 @@ class GlassmindError(Exception):
 # device, dtype, seeding
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def pick_device(name: str = "auto") -> "torch.device":
     """`auto` picks cuda, then mps, then cpu; anything else is passed to torch.device."""
+    import torch
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -44,20 +49,25 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+               "fp16": "float16", "float16": "float16"}
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+def parse_dtype(name: "str | torch.dtype") -> "torch.dtype":
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
     try:
-        return DTYPES[name]
+        return getattr(torch, DTYPE_NAMES[name])
     except KeyError:
         raise GlassmindError(f"unknown dtype {name!r}: use one of fp32, bf16, fp16") from None
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)  # also seeds every CUDA device
@@ -67,14 +77,23 @@ def seed_everything(seed: int) -> None:
 # ranks (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain process is rank 0 of 1)
 
 
+def _dist_ready() -> bool:
+    torch = sys.modules.get("torch")  # if torch was never imported, no process group can exist
+    return torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _dist_ready():
+        import torch
+
         return torch.distributed.get_rank()
     return int(os.environ.get("RANK", 0))
 
 
 def world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _dist_ready():
+        import torch
+
         return torch.distributed.get_world_size()
     return int(os.environ.get("WORLD_SIZE", 1))
 

@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import tempfile
+import types
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -215,7 +216,7 @@ def run_dir(path: str | os.PathLike, *, create: bool = True) -> Path:
 
 def _flag_type(tp: Any):
     origin = typing.get_origin(tp)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _flag_type(args[0]) if len(args) == 1 else str
     return tp

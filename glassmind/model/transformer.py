@@ -356,12 +356,13 @@ class Block(nn.Module):
         self.cross_attn_norm = make_norm(cfg) if has_cross else None
         self.ffn = FeedForward(cfg)
         self.ffn_norm = make_norm(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def _residual(self, x: torch.Tensor, norm: nn.Module, sublayer) -> torch.Tensor:
+        drop = (lambda h: F.dropout(h, self.dropout, True)) if self.training and self.dropout else (lambda h: h)
         if self.pre:
-            return x + self.dropout(sublayer(norm(x)))
-        return norm(x + self.dropout(sublayer(x)))
+            return x + drop(sublayer(norm(x)))
+        return norm(x + drop(sublayer(x)))
 
     def forward(self, x: torch.Tensor, *, mask, is_causal, rope, memory=None, memory_mask=None,
                 cache=None, layer: int = 0) -> torch.Tensor:
@@ -404,11 +405,19 @@ class Stack(nn.Module):
                 token_type_ids: torch.Tensor | None = None, memory: torch.Tensor | None = None,
                 memory_mask: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
         cfg = self.cfg
+        past = cache.pos if cache is not None else 0
+        # Context check. Without a cache: one look at the positions. With a cache and no padding the last
+        # position is past + T - 1: an int check, no device sync per decoded token. With a cache and
+        # padding, cache slots outrun positions; the caller (the engine) stops each sequence at the limit.
+        if cache is None:
+            last = int(positions.max()) if positions.numel() else -1
+        else:
+            last = past + x.shape[1] - 1 if key_mask is None else -1
+        if last >= cfg.context_length:
+            raise GlassmindError(f"position {last} is beyond the model's context length "
+                                 f"{cfg.context_length}: shorten the input")
         if cfg.scale_embeddings:
             x = x * math.sqrt(cfg.d_model)
-        if positions.max() >= cfg.context_length:
-            raise GlassmindError(f"position {int(positions.max())} is beyond the model's context length "
-                                 f"{cfg.context_length}: shorten the input")
         if cfg.positional == "learned":
             x = x + self.position_embedding(positions + cfg.position_offset)          # (B, T, C)
         elif cfg.positional == "sinusoidal":
@@ -421,7 +430,6 @@ class Stack(nn.Module):
         x = self.dropout(x)
 
         rope = (rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta) if cfg.positional == "rope" else None)
-        past = cache.pos if cache is not None else 0
         mask = attention_mask(x.shape[1], past, key_mask, causal=self.causal, device=x.device)
         # Causal with nothing to mask and no cache: let the fused kernel build the triangle itself.
         is_causal = self.causal and mask is None and past == 0
@@ -444,8 +452,8 @@ def attention_mask(T: int, past: int, key_mask: torch.Tensor | None, *, causal: 
     """
     if not causal and key_mask is None:
         return None
-    if causal and key_mask is None and past == 0:
-        return None  # the fused kernel's is_causal covers it
+    if causal and key_mask is None and (past == 0 or T == 1):
+        return None  # is_causal covers the first case; one newest query may see every key in the second
     Tk = past + T
     mask = torch.ones(1, 1, T, Tk, dtype=torch.bool, device=device)
     if causal:
@@ -582,7 +590,7 @@ class Transformer(nn.Module):
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.dim() != 2:
             raise GlassmindError(f"token ids must be (batch, time), got shape {tuple(ids.shape)}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+        if ((ids < 0) | (ids >= self.config.vocab_size)).any():  # one check; min/max only for the message
             raise GlassmindError(f"token id out of range [0, {self.config.vocab_size}): got "
                                  f"{int(ids.min())}..{int(ids.max())}; is the tokenizer the model's?")
 

@@ -1,0 +1,601 @@
+"""The inference engine: cache equivalence, batching, every strategy, parity with transformers' generate,
+streaming, detokenization, metrics, argument checks, fill-mask, and the generate/chat verbs."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from glassmind.common import GlassmindError
+from glassmind.infer import Detokenizer, Engine, SamplingParams
+from glassmind.infer.engine import DecoderBatch, FlopCounter, Seq2SeqBatch
+from glassmind.infer.kv_cache import KVCache
+from glassmind.model import ModelConfig, Transformer
+from glassmind.model.transformer import MultiHeadAttention
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny: a second intra-op thread only adds synchronisation, which on a shared
+    2-core machine costs more than the whole op."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(**kw) -> Transformer:
+    torch.manual_seed(kw.pop("seed", 0))
+    base = dict(vocab_size=97, context_length=48, d_model=32, n_heads=4, n_layers=2)
+    base.update(kw)
+    return Transformer(ModelConfig(**base)).eval()
+
+def train_bpe(text: str, vocab_size: int):
+    """A small byte-level BPE on `text`; it may stop short of vocab_size (a warning we do not need here)."""
+    import warnings
+
+    bpe = pytest.importorskip("glassmind.tokenizer.bpe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bpe.BPETokenizer.train([text], vocab_size, progress=False)
+
+
+
+def random_prompts(n: int, lo: int, hi: int, vocab: int = 97, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in lens]
+
+
+# ------------------------------------------------------------------------------ cached == uncached
+
+
+@pytest.mark.parametrize("kw", [dict(positional="learned"), dict(positional="rope", n_kv_heads=2),
+                                dict(positional="sinusoidal", norm_position="post")])
+def test_cached_decode_equals_full_recompute_at_every_step(kw):
+    model = tiny(**kw)
+    g = torch.Generator().manual_seed(1)
+    for prompt in random_prompts(3, 1, 15, seed=2):
+        batch = DecoderBatch(model, [prompt], room=10)
+        seq = list(prompt)
+        with torch.no_grad():
+            logits = batch.prefill()
+            for _ in range(10):
+                full = model(torch.tensor([seq]))[:, -1]
+                torch.testing.assert_close(logits, full, atol=ATOL, rtol=0)
+                tok = torch.randint(0, 97, (1,), generator=g)
+                seq.append(int(tok))
+                logits = batch.step(tok)
+
+
+def test_left_padded_batch_of_8_equals_each_prompt_alone():
+    model = tiny(positional="rope")
+    prompts = random_prompts(8, 1, 14, seed=3)
+    assert len({len(p) for p in prompts}) > 1
+    g = torch.Generator().manual_seed(4)
+    batch = DecoderBatch(model, prompts, room=8)
+    seqs = [list(p) for p in prompts]
+    with torch.no_grad():
+        logits = batch.prefill()                                                       # (8, V)
+        for _ in range(8):
+            for i, s in enumerate(seqs):  # each row against itself alone, recomputed without a cache
+                torch.testing.assert_close(logits[i], model(torch.tensor([s]))[0, -1], atol=ATOL, rtol=0)
+            tok = torch.randint(0, 97, (8,), generator=g)
+            for i in range(8):
+                seqs[i].append(int(tok[i]))
+            logits = batch.step(tok)
+    # and end to end: the batched greedy outputs are each prompt's own
+    engine = Engine(model)
+    params = SamplingParams(max_new_tokens=12)
+    together = engine.generate(prompts, params)
+    for p, r in zip(prompts, together):
+        assert r.ids == engine.generate([p], params)[0].ids
+
+
+def test_encoder_decoder_cached_equals_full_recompute():
+    model = tiny(arch="encoder-decoder", n_encoder_layers=2, positional="sinusoidal", pad_token_id=0)
+    sources = random_prompts(3, 2, 12, seed=5)
+    g = torch.Generator().manual_seed(6)
+    batch = Seq2SeqBatch(model, sources, start_id=0, room=8)
+    targets = [[0] for _ in sources]
+    with torch.no_grad():
+        logits = batch.prefill()
+        for _ in range(8):
+            for i, (src, tgt) in enumerate(zip(sources, targets)):
+                full = model(torch.tensor([src]), torch.tensor([tgt]))[0, -1]
+                torch.testing.assert_close(logits[i], full, atol=ATOL, rtol=0)
+            tok = torch.randint(0, 97, (3,), generator=g)
+            for i in range(3):
+                targets[i].append(int(tok[i]))
+            logits = batch.step(tok)
+    assert all(kv is not None for kv in batch.cache.cross)  # the encoder output was projected once
+
+
+def test_encoder_decoder_generation_matches_recomputed_logprobs():
+    model = tiny(arch="encoder-decoder", pad_token_id=0)
+    sources = random_prompts(3, 3, 10, seed=7)
+    rs = Engine(model).generate(sources, SamplingParams(strategy="sample", seed=3, max_new_tokens=6))
+    for src, r in zip(sources, rs):
+        tgt = torch.tensor([[0] + r.ids[:-1]])
+        with torch.no_grad():
+            lp = model(torch.tensor([src]), tgt)[0].log_softmax(-1)
+        assert r.logprobs == pytest.approx(lp[torch.arange(len(r.ids)), r.ids].tolist(), abs=1e-5)
+
+
+# ------------------------------------------------------------------------------ strategies
+
+
+def test_logprobs_are_the_raw_distribution_and_top_alternatives_sorted():
+    model = tiny()
+    prompt = [5, 6, 7]
+    r = Engine(model).generate([prompt], SamplingParams(strategy="sample", temperature=0.5, top_k=10, seed=1,
+                                                        max_new_tokens=8, top_logprobs=4))[0]
+    with torch.no_grad():
+        lp = model(torch.tensor([prompt + r.ids]))[0, len(prompt) - 1:-1].log_softmax(-1)
+    assert r.logprobs == pytest.approx(lp[torch.arange(8), r.ids].tolist(), abs=1e-5)
+    for j, top in enumerate(r.top_logprobs):
+        assert len(top) == 4 and [t for t, _ in top] == lp[j].topk(4).indices.tolist()
+        assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+
+
+def test_greedy_equals_beam_width_1_equals_top_k_1():
+    model = tiny()
+    prompts = random_prompts(4, 2, 9, seed=8)
+    engine = Engine(model)
+    greedy = [r.ids for r in engine.generate(prompts, SamplingParams(max_new_tokens=10))]
+    beam1 = [r.ids for r in engine.generate(prompts, SamplingParams(strategy="beam", num_beams=1,
+                                                                   max_new_tokens=10))]
+    topk1 = [r.ids for r in engine.generate(prompts, SamplingParams(strategy="sample", top_k=1, seed=0,
+                                                                   temperature=1.3, max_new_tokens=10))]
+    assert greedy == beam1 == topk1
+
+
+def test_seeded_sample_repeats_exactly_and_seeds_differ():
+    engine = Engine(tiny())
+    prompts = random_prompts(3, 2, 6, seed=9)
+    p = SamplingParams(strategy="sample", temperature=1.5, top_p=0.95, seed=123, max_new_tokens=12)
+    a, b = engine.generate(prompts, p), engine.generate(prompts, p)
+    assert [r.ids for r in a] == [r.ids for r in b]
+    assert [r.logprobs for r in a] == [r.logprobs for r in b]
+    c = engine.generate(prompts, SamplingParams(**{**p.__dict__, "seed": 124}))
+    assert [r.ids for r in a] != [r.ids for r in c]
+
+
+class MarkovToy(nn.Module):
+    """A model whose next-token distribution depends only on the last token (fixed transition table),
+    with the engine-facing signature: features() returns the one-hot of each token, lm_logits maps it to
+    the log transition probabilities. Tokens: 0 start, 1 A, 2 B, 3 X, 4 EOS.
+
+    from start: A .5, B .4, X .1     from A: EOS .3, A .25, B .25, X .2     from B: X .9, others .1/3
+    from X: EOS .99, others .01/3    from EOS: EOS 1.
+    Greedy takes A (.5) and then ends with EOS (.3): probability .15. The best sequence is B X EOS:
+    .4 x .9 x .99 = .3564."""
+
+    P = [[0.0, 0.5, 0.4, 0.1, 0.0], [0.0, 0.25, 0.25, 0.2, 0.3], [0.0, 0.1 / 3, 0.1 / 3, 0.9, 0.1 / 3],
+         [0.0, 0.01 / 3, 0.01 / 3, 0.01 / 3, 0.99], [0.0, 0.0, 0.0, 0.0, 1.0]]
+
+    def __init__(self):
+        super().__init__()
+        self.config = ModelConfig(vocab_size=5, context_length=16, d_model=4, n_heads=1, n_layers=1)
+        self.table = nn.Parameter(torch.tensor(self.P).clamp_min(1e-12).log())
+        self.decoder = self.encoder = None
+
+    def features(self, ids, *, attention_mask=None, positions=None, cache=None):
+        if cache is not None:
+            cache.advance(ids.shape[1])
+        return nn.functional.one_hot(ids, 5).float()                                   # (B, T, 5)
+
+    def lm_logits(self, hidden):
+        return hidden @ self.table
+
+
+def test_beam_search_finds_the_best_sequence_greedy_misses():
+    engine = Engine(MarkovToy())
+    base = dict(max_new_tokens=5, eos_token_ids=(4,))
+    greedy = engine.generate([[0]], SamplingParams(**base))[0]
+    assert greedy.ids == [1, 4] and greedy.finish_reason == "stop"
+    for lp in (0.0, 1.0):
+        r = engine.generate([[0]], SamplingParams(strategy="beam", num_beams=2, length_penalty=lp,
+                                                  num_return_sequences=2, **base))[0]
+        assert r.ids == [2, 3, 4] and r.finish_reason == "stop" and r.stop_len == 1
+        assert r.score == pytest.approx(math.log(0.4 * 0.9 * 0.99) / 3 ** lp, abs=1e-5)
+        # the runner-up: A EOS (.15) by total probability; A B X EOS (.111, 4 tokens) per token
+        second, p2 = ([1, 4], 0.5 * 0.3) if lp == 0.0 else ([1, 2, 3, 4], 0.5 * 0.25 * 0.9 * 0.99)
+        assert r.beams[1].ids == second
+        assert r.beams[1].score == pytest.approx(math.log(p2) / len(second) ** lp, abs=1e-5)
+        assert r.content_ids == [2, 3]
+        assert r.logprobs == pytest.approx([math.log(0.4), math.log(0.9), math.log(0.99)], abs=1e-5)
+    # top alternatives of each beam token, under the model's distribution
+    r = engine.generate([[0]], SamplingParams(strategy="beam", num_beams=2, top_logprobs=2, **base))[0]
+    assert [t for t, _ in r.top_logprobs[0]] == [1, 2] and r.top_logprobs[1][0][0] == 3
+    assert r.top_logprobs[0][1][1] == pytest.approx(math.log(0.4), abs=1e-5)
+
+
+def test_stop_sequences_eos_and_finish_reasons():
+    model = tiny()
+    engine = Engine(model)
+    prompt = random_prompts(1, 4, 4, seed=10)[0]
+    free = engine.generate([prompt], SamplingParams(max_new_tokens=12))[0]
+    assert free.finish_reason == "length" and len(free.ids) == 12 and free.stop_len == 0
+    eos = free.ids[4]
+    r = engine.generate([prompt], SamplingParams(max_new_tokens=12, eos_token_ids=(eos,)))[0]
+    first = free.ids.index(eos)
+    assert r.ids == free.ids[: first + 1] and r.finish_reason == "stop" and r.content_ids == free.ids[:first]
+    stop = tuple(free.ids[6:8])
+    r = engine.generate([prompt], SamplingParams(max_new_tokens=12, stop_sequences=(stop,)))[0]
+    assert tuple(r.ids[-2:]) == stop and r.stop_len == 2 and len(r.ids) <= 8
+    # the context window: 48 positions, a 45-token prompt may add 3
+    r = engine.generate([list(range(45))], SamplingParams(max_new_tokens=10))[0]
+    assert len(r.ids) == 3 and r.finish_reason == "context"
+
+
+def test_finished_sequences_leave_the_batch(monkeypatch):
+    model = tiny()
+    sizes = []
+    step = DecoderBatch.step
+
+    def spy(self, tokens):
+        sizes.append(len(tokens))
+        return step(self, tokens)
+
+    monkeypatch.setattr(DecoderBatch, "step", spy)
+    prompts = [list(range(44)), [1, 2, 3], [4, 5]]  # the first has room for 4 tokens (context 48)
+    rs = Engine(model).generate(prompts, SamplingParams(max_new_tokens=7))
+    assert [len(r.ids) for r in rs] == [4, 7, 7] and rs[0].finish_reason == "context"
+    assert sizes == [3, 3, 3, 2, 2, 2]
+    monkeypatch.undo()
+    assert [r.ids for r in rs] == [Engine(model).generate([p], SamplingParams(max_new_tokens=7))[0].ids
+                                   for p in prompts]
+
+
+def test_streaming_concatenated_equals_generate():
+    engine = Engine(tiny())
+    prompts = random_prompts(4, 1, 10, seed=11)
+    for params in (SamplingParams(strategy="sample", seed=5, max_new_tokens=9, top_p=0.9),
+                   SamplingParams(max_new_tokens=9, eos_token_ids=(3, 7)),
+                   SamplingParams(strategy="beam", num_beams=3, max_new_tokens=6)):
+        streamed: dict[int, list[int]] = {i: [] for i in range(4)}
+        finals = {}
+        for ev in engine.stream(prompts, params):
+            assert ev.index not in finals, "no token after a sequence's last event"
+            streamed[ev.index].append(ev.token)
+            if ev.result is not None:
+                finals[ev.index] = ev.result
+        results = engine.generate(prompts, params)
+        assert [streamed[i] for i in range(4)] == [r.ids for r in results]
+        assert [finals[i].ids for i in range(4)] == [r.ids for r in results]
+
+
+# ------------------------------------------------------------------------------ transformers parity
+
+
+def _gpt2_pair(seed: int):
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from glassmind.model.interop import from_hf
+
+    torch.manual_seed(seed)
+    # a wide init spreads the logits, so outputs vary instead of repeating one token
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                    initializer_range=0.3, bos_token_id=0, eos_token_id=0)).eval()
+    return hf, from_hf(hf)
+
+
+def test_greedy_equals_transformers_generate():
+    hf, ours = _gpt2_pair(0)
+    engine = Engine(ours)
+    g = torch.Generator().manual_seed(0)
+    for L in (1, 5, 11):
+        ids = torch.randint(1, 96, (2, L), generator=g)
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=25,
+                          eos_token_id=None, pad_token_id=0)
+        rs = engine.generate(ids.tolist(), SamplingParams(max_new_tokens=25))
+        assert [r.ids for r in rs] == ref[:, L:].tolist()
+        assert len(set(rs[0].ids)) > 2
+
+
+@pytest.mark.parametrize("length_penalty,early_stopping", [(1.0, False), (0.0, True), (2.0, False),
+                                                           (-0.5, False)])
+def test_beam_search_equals_transformers_num_beams_4(length_penalty, early_stopping):
+    hf, ours = _gpt2_pair(1)
+    engine = Engine(ours)
+    g = torch.Generator().manual_seed(length_penalty.__hash__() % 1000)
+    ids = torch.randint(1, 96, (2, 6), generator=g)
+    free = engine.generate(ids.tolist(), SamplingParams(max_new_tokens=12))
+    eos = free[0].ids[3]  # an id the model likes: hypotheses finish at different lengths
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=4,
+                      num_return_sequences=4, max_new_tokens=12, eos_token_id=eos, pad_token_id=eos,
+                      length_penalty=length_penalty, early_stopping=early_stopping,
+                      output_scores=True, return_dict_in_generate=True)
+    rs = engine.generate(ids.tolist(), SamplingParams(strategy="beam", num_beams=4, num_return_sequences=4,
+                                                      max_new_tokens=12, eos_token_ids=(eos,),
+                                                      length_penalty=length_penalty,
+                                                      early_stopping=early_stopping))
+    ours_beams = [b for r in rs for b in r.beams]
+    assert len({len(b.ids) for b in ours_beams}) > 1, "the test should see hypotheses of several lengths"
+    for row, b in zip(ref.sequences[:, 6:].tolist(), ours_beams):
+        assert row[: len(b.ids)] == b.ids and all(t == eos for t in row[len(b.ids):])  # HF pads with eos
+    assert [b.score for b in ours_beams] == pytest.approx(ref.sequences_scores.tolist(), abs=1e-4)
+    assert [r.ids for r in rs] == [rs[0].beams[0].ids, rs[1].beams[0].ids]
+
+
+# ------------------------------------------------------------------------------ detokenizer
+
+
+class ByteToy:
+    """A byte-level tokenizer: ids 0..255 are bytes; 256+ are multi-byte pieces, some of them cutting
+    characters in half (as real BPE merges do), plus one special token."""
+
+    pieces = [b"\xc3", b"\xa9t\xc3", "é".encode(), "€".encode()[:2], "€".encode()[2:] + b" ", " 日本".encode(),
+              "😀".encode()[:3], "😀".encode()[3:], b"ab"]
+
+    def __init__(self):
+        self.table = [bytes([i]) for i in range(256)] + self.pieces + [b"<|endoftext|>"]
+        self.special_tokens = {"<|endoftext|>": len(self.table) - 1}
+
+    def decode_bytes(self, ids):
+        return b"".join(self.table[i] for i in ids)
+
+    def decode(self, ids):
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def encode_valid(self, text: str) -> list[int]:
+        """Greedy longest-piece match over the text's bytes."""
+        data, out, i = text.encode(), [], 0
+        order = sorted(range(256, 256 + len(self.pieces)), key=lambda t: -len(self.table[t]))
+        while i < len(data):
+            for t in order:
+                if data.startswith(self.table[t], i):
+                    out.append(t)
+                    i += len(self.table[t])
+                    break
+            else:
+                out.append(data[i])
+                i += 1
+        return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 255 + len(ByteToy.pieces)), max_size=40))
+def test_detokenizer_never_emits_broken_text_on_random_ids(ids):
+    tok = ByteToy()
+    d = Detokenizer(tok)
+    pieces = [d.push(i) for i in ids] + [d.flush()]
+    for p in pieces:
+        p.encode("utf-8")  # a str with half a character (a lone surrogate) would raise here
+    assert "".join(pieces) == tok.decode(ids)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("abt é€日本😀\n")), max_size=30))
+def test_detokenizer_on_valid_utf8_emits_no_replacement_characters(text):
+    tok = ByteToy()
+    ids = tok.encode_valid(text)
+    d = Detokenizer(tok)
+    pieces = [d.push(i) for i in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + d.flush() == text
+
+
+def test_detokenizer_holds_half_characters_and_skips_specials():
+    tok = ByteToy()
+    d = Detokenizer(tok)
+    euro_a, euro_b = 256 + 3, 256 + 4
+    assert d.push(euro_a) == ""           # two of the euro sign's three bytes: nothing yet
+    assert d.push(euro_b) == "€ "
+    assert d.push(tok.special_tokens["<|endoftext|>"]) == ""
+    assert Detokenizer(tok, skip_special=False).push(tok.special_tokens["<|endoftext|>"]) == "<|endoftext|>"
+
+
+def test_detokenizer_text_mode_for_tokenizers_without_bytes():
+    class Words:  # a WordPiece-like decode: "##" joins to the previous word
+        vocab = ["hello", "##s", "world", "!"]
+        special_tokens: dict = {}
+
+        def decode(self, ids):
+            out = ""
+            for i in ids:
+                w = self.vocab[i]
+                out += w[2:] if w.startswith("##") else (" " + w if out else w)
+            return out
+
+    d = Detokenizer(Words())
+    assert [d.push(i) for i in (0, 1, 2, 3)] == ["hello", "s", " world", " !"]
+
+
+def test_detokenizer_with_the_real_bpe_tokenizer():
+    text = "naïve café – 日本語 😀 test " * 20
+    tok = train_bpe(text, 300)
+    ids = tok.encode(text)
+    d = Detokenizer(tok)
+    pieces = [d.push(i) for i in ids]
+    assert all("\ufffd" not in p for p in pieces) and "".join(pieces) + d.flush() == text
+
+
+# ------------------------------------------------------------------------------ checks, metrics, fill-mask
+
+
+class NoForward(nn.Module):
+    pass
+
+
+@pytest.mark.parametrize("prompts,kw,match", [
+    ([[1, 2]], dict(temperature=-1), "temperature"),
+    ([[1, 2]], dict(top_p=0), "top_p"),
+    ([[1, 2]], dict(top_p=1.01), "top_p"),
+    ([[1, 2]], dict(top_k=-1), "top_k"),
+    ([[1, 2]], dict(strategy="beam", num_beams=0), "beam width"),
+    ([list(range(48))], {}, "context"),
+    ([[1, 97]], {}, "outside the vocabulary"),
+    ([[1, -1]], {}, "outside the vocabulary"),
+    ([[]], {}, "empty"),
+    ([], {}, "no prompts"),
+    ("hello", {}, "token id lists"),
+    ([[1.5]], {}, "integer"),
+    ([[1, 2]], dict(eos_token_ids=(200,)), "vocabulary"),
+])
+def test_bad_arguments_fail_before_any_work(prompts, kw, match, monkeypatch):
+    model = tiny()
+    engine = Engine(model)
+
+    def boom(*a, **k):
+        raise AssertionError("the model ran before the arguments were checked")
+
+    monkeypatch.setattr(model, "features", boom)
+    monkeypatch.setattr(KVCache, "__init__", boom)
+    with pytest.raises(GlassmindError, match=match):
+        engine.stream(prompts, SamplingParams(**kw))  # raises at the call, not on first iteration
+
+
+def test_wrong_model_kind_is_an_error():
+    with pytest.raises(GlassmindError, match="fill_mask"):
+        Engine(tiny(arch="encoder")).generate([[1]])
+    with pytest.raises(GlassmindError, match="decoder start"):
+        Engine(tiny(arch="encoder-decoder")).generate([[1]])
+    with pytest.raises(GlassmindError, match="MLM"):
+        Engine(tiny()).fill_mask([[1]], mask_token_id=3)
+
+
+def test_metrics_and_flops_match_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny(n_kv_heads=2, activation="swiglu")
+    prompt = list(range(1, 11))
+    r = Engine(model).generate([prompt], SamplingParams(max_new_tokens=6))[0]
+    m = r.metrics
+    assert m.prompt_tokens == 10 and m.new_tokens == 6
+    assert 0 < m.ttft_s <= m.total_s and m.itl_p50_s <= m.itl_p95_s
+    assert m.tokens_per_s == pytest.approx(6 / m.total_s)
+    # torch's counter does not see inside the fused attention kernel: make the model compute attention as
+    # explicit matmuls (the autopsy switch); then it counts the prefill's full T x T square, not the
+    # causal half our count uses
+    for mod in model.modules():
+        if isinstance(mod, MultiHeadAttention):
+            mod.keep_weights = True
+    batch = DecoderBatch(model, [prompt], room=5)
+    counter = FlopCounter(model)
+    cfg = model.config
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        logits = batch.prefill()
+    square_extra = 4 * cfg.d_model * cfg.n_layers * (100 - 55)
+    assert fc.get_total_flops() == counter.prefill(10) + square_extra == m.prefill_flops + square_extra
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        for tok in r.ids[:5]:
+            batch.step(torch.tensor([tok]))
+    assert fc.get_total_flops() == counter.decode(10, 5) == m.decode_flops
+    assert logits.shape == (1, 97)
+
+
+def test_fill_mask_top_k():
+    model = tiny(arch="encoder", vocab_size=50)
+    MASK = 3
+    seqs = [[5, 6, MASK, 8, 9], [10, MASK, 12]]
+    out = Engine(model).fill_mask(seqs, mask_token_id=MASK, k=4)
+    assert [[p.position for p in s] for s in out] == [[2], [1]]
+    for s, preds in zip(seqs, out):
+        with torch.no_grad():
+            probs = model(torch.tensor([s])).logits[0].softmax(-1)                    # alone, unpadded
+        for p in preds:
+            ref = probs[p.position].topk(4)
+            assert [t for t, _ in p.candidates] == ref.indices.tolist()
+            assert [q for _, q in p.candidates] == pytest.approx(ref.values.tolist(), abs=1e-5)
+    assert Engine(model).fill_mask([[5, 6]], mask_token_id=MASK) == [[]]
+    with pytest.raises(GlassmindError):
+        Engine(model).fill_mask(seqs, mask_token_id=MASK, k=0)
+
+
+# ------------------------------------------------------------------------------ the verbs
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    tok = train_bpe("def add(a, b):\n    return a + b\n" * 30, 300)
+    tok.save(d)
+    torch.manual_seed(0)
+    Transformer(ModelConfig(vocab_size=tok.vocab_size, context_length=128, d_model=32, n_heads=4,
+                            n_layers=2)).save(d)
+    return d
+
+
+def test_generate_verb_prints_text_and_stats(run_dir):
+    from glassmind.infer.cli import main
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main([str(run_dir), "def add", "--max-new-tokens", "5", "--stats", "--stream",
+                     "--strategy", "sample", "--seed", "0", "--top-p", "0.9"]) == 0
+    text = out.getvalue()
+    assert text.startswith("def add") and "time to first token" in text and "tokens/s" in text
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main([str(run_dir), "x", "--strategy", "beam", "--num-return-sequences", "2",
+                     "--max-new-tokens", "3"]) == 0
+    assert out.getvalue().count("--- beam") == 2
+    assert main([str(run_dir), "x", "--top-p", "0"]) == 2  # a clear error, exit code 2
+
+
+def test_demo_stage_tabulates_every_strategy(run_dir):
+    from glassmind.infer.cli import DEMO_STRATEGIES, demo_stage
+
+    table = demo_stage(run_dir, ["def add", "return"], max_new_tokens=4)
+    lines = table.splitlines()
+    assert len(lines) == 2 + 2 * len(DEMO_STRATEGIES) and "TTFT ms" in lines[0]
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+
+
+def test_chat_loop_keeps_the_conversation(run_dir):
+    from glassmind.infer.chat import ChatConfig, Conversation, chat_loop
+    from glassmind.infer.cli import load_run
+
+    model, tok = load_run(run_dir, device="cpu")
+    lines = iter(["hello", "/reset", "again", "more"])
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    shown = []
+    conv = chat_loop(Engine(model), tok, ChatConfig(max_new_tokens=8, seed=0), read=read, write=shown.append)
+    assert [t["role"] for t in conv.turns] == ["user", "assistant", "user", "assistant"]
+    assert conv.turns[0]["content"] == "again"
+    assert sum("tokens/s" in s for s in shown) == 3
+    assert tok.decode(conv.prompt_ids()).startswith("User: again\nAssistant:")
+    assert "\nUser: more\nAssistant: " in tok.decode(conv.prompt_ids())
+    # a conversation longer than the context loses its oldest turns first
+    small = Conversation(tok, context_length=80, reserve=8)
+    for n in range(6):
+        small.add("user" if n % 2 == 0 else "assistant", f"message {n}")
+    ids = small.prompt_ids()
+    assert len(ids) <= 72 and tok.decode(ids).endswith("User: message 4\nAssistant: message 5\nAssistant:")
+    assert "message 0" not in tok.decode(ids)
+
+
+def test_chat_uses_the_chat_format_when_the_run_has_chat_tokens():
+    from glassmind.infer.chat import Conversation
+    from glassmind.infer.cli import stop_ids
+    from glassmind.tokenizer.chat import END, ChatFormat, add_chat_tokens
+
+    tok = train_bpe("hello there " * 20, 270)
+    plain = Conversation(tok, context_length=64, reserve=8)
+    assert not plain.uses_chat_tokens
+    add_chat_tokens(tok)
+    conv = Conversation(tok, context_length=64, reserve=8)
+    conv.add("user", "hi <|end|>")  # typed text cannot forge a control token
+    assert conv.uses_chat_tokens
+    assert conv.prompt_ids() == ChatFormat(tok).render_prompt([{"role": "user", "content": "hi <|end|>"}])
+    assert tok.special_tokens[END] in stop_ids(tok)

@@ -1,0 +1,280 @@
+"""The demo's alignment stage: SFT, a reward model, PPO and DPO on the built-in tasks, from a pre-trained base
+run, and the table that says whether each step helped.
+
+    demo_stage(base_run, out_root)    sft -> reward -> ppo, dpo; prints and returns the table
+    ppo_study(sft_run, rm_run, out)   PPO with 3 seeds (is the change over SFT larger than the seeds' spread?)
+                                      and with the KL coefficient at 0, at the demo's settings and pushed
+                                      harder (what does the policy do unleashed?)
+
+    python -m glassmind.train.align_demo --base runs/demo/pretrain-decoder --out runs/demo/align [--study]
+
+Every accuracy here is exact match from the tasks' verifier on held-out prompts, never the reward model's
+opinion. The base model has no chat format, so it is measured with 3-shot plain-text prompting
+("Question: ...\\nAnswer: ..." three times, then the question), the fairest way to ask a base model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from glassmind.common import GlassmindError, atomic_write_text, print0, run_main
+from glassmind.data import tasks as task_lib
+
+# The demo's settings per verb. "small": about 10 minutes on 2 CPU cores with the demo's base model (a 2-layer,
+# 128-wide decoder, vocabulary 4096), enough for every stage to move the numbers. "tiny": a smoke test.
+BUDGETS = {
+    "small": {
+        "sft": dict(steps=300, batch_size=32, lr=1e-3, n_examples=20000, eval_every=100, eval_per_task=10),
+        "reward": dict(steps=200, batch_size=8, lr=3e-4, n_prefs=1600, eval_prefs=120, eval_every=100),
+        "ppo": dict(steps=30, rollouts=64, minibatch=16, ppo_epochs=2, lr=2e-5, max_new_tokens=10, kl_coef=0.05,
+                    eval_every=1, eval_per_task=10, final_eval_per_task=50),
+        "dpo": dict(steps=120, batch_size=32, lr=5e-5, beta=0.1, n_prefs=800, eval_every=40, eval_per_task=10,
+                    final_eval_per_task=50),
+        "final_per_task": 50,
+    },
+    "tiny": {
+        "sft": dict(steps=4, batch_size=4, n_examples=40, eval_every=0, eval_per_task=1),
+        "reward": dict(steps=4, batch_size=2, n_prefs=8, eval_prefs=6, eval_every=0),
+        "ppo": dict(steps=2, rollouts=4, minibatch=2, ppo_epochs=2, max_new_tokens=4, eval_per_task=1,
+                    final_eval_per_task=1),
+        "dpo": dict(steps=2, batch_size=4, n_prefs=4, eval_every=0, eval_per_task=1, final_eval_per_task=1),
+        "final_per_task": 2,
+    },
+}
+DEMO = BUDGETS["small"]
+
+
+def _run(stage: str, cfg) -> dict:
+    from glassmind.train import dpo, ppo, reward, sft
+
+    fn = {"sft": sft.sft, "reward": reward.train_reward, "ppo": ppo.ppo, "dpo": dpo.dpo}[stage]
+    return fn(cfg)
+
+
+def _config(stage: str, budget: str, **kw: Any):
+    from glassmind.train import dpo, ppo, reward, sft
+
+    cls = {"sft": sft.SFTConfig, "reward": reward.RewardConfig, "ppo": ppo.PPOConfig, "dpo": dpo.DPOConfig}[stage]
+    return cls(**{**BUDGETS[budget][stage], **kw})
+
+
+def _stage(stage: str, out: Path, budget: str = "small", **kw: Any) -> dict:
+    """Run one stage into `out`, resuming it if a previous demo was interrupted there."""
+    done = (out / "card.md").exists()
+    cfg = _config(stage, budget, out=str(out), resume=(out / f"{stage}.json").exists(), progress=True, **kw)
+    if done:
+        print0(f"{stage}: {out} is complete; measuring it again")
+    t0 = time.perf_counter()
+    summary = _run(stage, cfg) if not done else {}
+    return {"seconds": time.perf_counter() - t0, **summary}
+
+
+# ----------------------------------------------------------------------------------------------------
+# measuring
+
+
+def heldout(per_task: int = DEMO["final_per_task"]) -> list[task_lib.Example]:
+    return task_lib.heldout_examples(per_task)
+
+
+def chat_accuracy(run: str | Path, examples) -> dict:
+    from glassmind.train.sft import evaluate_tasks, load_chat_run
+
+    model, _, fmt = load_chat_run(run)
+    return evaluate_tasks(model, fmt, examples)
+
+
+def base_accuracy(run: str | Path, examples, shots: int = 3) -> dict:
+    """3-shot plain-text prompting of a base model: training examples of the same task as demonstrations,
+    the reply is the generated text up to the first newline."""
+    from glassmind import tokenizer as tok_lib
+    from glassmind.model import load
+    from glassmind.train.sft import generate, score_replies
+
+    model, tok = load(run), tok_lib.load(run)
+    eos = tok.special_tokens.get("<|endoftext|>")
+    rng = random.Random(0)
+    prompts = []
+    for e in examples:
+        demos = rng.sample(task_lib.split_pool(e.task, "train"), shots)
+        text = "".join(f"Question: {d.prompt}\nAnswer: {d.answer}\n\n" for d in demos)
+        text += f"Question: {e.prompt}\nAnswer:"
+        prompts.append(tok.encode(text)[-(model.config.context_length - 12):])
+    replies = generate(model, prompts, eos if eos is not None else -1, max_new_tokens=12)
+    texts = [tok.decode([i for i in r if i != eos]).split("\n")[0].strip() for r in replies]
+    return score_replies(examples, texts)
+
+
+def _table(columns: dict[str, dict]) -> str:
+    names = list(columns)
+    lines = [f"{'task':<10}" + "".join(f"{n:>14}" for n in names)]
+    for t in task_lib.TASKS + ("all",):
+        cells = []
+        for n in names:
+            res = columns[n]
+            v = res["accuracy"] if t == "all" else res["per_task"].get(t)
+            cells.append(f"{'-' if v is None else f'{v:.3f}':>14}")
+        lines.append(f"{t:<10}" + "".join(cells))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the stage
+
+
+def demo_stage(base_run: str | Path, out_root: str | Path, *, seed: int = 0, budget: str = "small") -> dict:
+    """SFT -> reward model -> PPO and DPO from `base_run` into `out_root/{sft,reward,ppo,dpo}`; prints the table
+    of held-out exact-match accuracy per task (base 3-shot / SFT / PPO / DPO), the reward model's held-out
+    pairwise accuracy, and PPO's mean reward and KL. Returns all of it. `budget`: "small" (the demo) or "tiny"
+    (a smoke test)."""
+    if budget not in BUDGETS:
+        raise GlassmindError(f"budget {budget!r}: use one of {', '.join(BUDGETS)}")
+    base_run, out_root = Path(base_run), Path(out_root)
+    if not (base_run / "config.json").exists():
+        raise GlassmindError(f"{base_run} is not a run directory: pre-train a base model first")
+    out_root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    runs = {s: out_root / s for s in ("sft", "reward", "ppo", "dpo")}
+    stages: dict[str, dict] = {}
+    stages["sft"] = _stage("sft", runs["sft"], budget, parent=str(base_run), seed=seed)
+    stages["reward"] = _stage("reward", runs["reward"], budget, parent=str(runs["sft"]), seed=seed)
+    stages["ppo"] = _stage("ppo", runs["ppo"], budget, policy=str(runs["sft"]), reward=str(runs["reward"]),
+                           seed=seed)
+    stages["dpo"] = _stage("dpo", runs["dpo"], budget, policy=str(runs["sft"]), seed=seed)
+
+    examples = heldout(BUDGETS[budget]["final_per_task"])
+    columns = {"base (3-shot)": base_accuracy(base_run, examples), "SFT": chat_accuracy(runs["sft"], examples),
+               "PPO": chat_accuracy(runs["ppo"], examples), "DPO": chat_accuracy(runs["dpo"], examples)}
+    ppo_rows = [json.loads(line) for line in (runs["ppo"] / "metrics.jsonl").read_text().splitlines()]
+    ppo_rows = [r for r in ppo_rows if "reward" in r]
+    rm_rows = [json.loads(line) for line in (runs["reward"] / "metrics.jsonl").read_text().splitlines()]
+    rm_final = [r for r in rm_rows if "pairwise_acc" in r][-1]
+    result = {
+        "accuracy": {name: {"all": c["accuracy"], **c["per_task"]} for name, c in columns.items()},
+        "heldout_prompts": len(examples),
+        "reward_model_pairwise_acc": rm_final["pairwise_acc"],
+        "reward_model_correct_vs_near_miss": rm_final.get("acc_correct_vs_near_miss"),
+        "ppo_reward": [r["reward"] for r in ppo_rows], "ppo_kl": [r["kl"] for r in ppo_rows],
+        "samples": {name: c["samples"][:6] for name, c in columns.items()},
+        "stage_seconds": {s: round(v["seconds"], 1) for s, v in stages.items()},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    text = report(result, columns)
+    print0(text)
+    atomic_write_text(out_root / "alignment.md", text + "\n")
+    atomic_write_text(out_root / "alignment.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def report(result: dict, columns: dict[str, dict]) -> str:
+    r, k = result["ppo_reward"], result["ppo_kl"]
+    quarter = max(1, len(r) // 4)
+    lines = [f"Held-out exact-match accuracy ({result['heldout_prompts']} prompts never seen in training; verifier):",
+             "", _table(columns), "",
+             f"Reward model, held-out pairwise accuracy: {result['reward_model_pairwise_acc']:.3f}"
+             + (f" (correct vs near miss: {result['reward_model_correct_vs_near_miss']:.3f})"
+                if result.get("reward_model_correct_vs_near_miss") is not None else ""),
+             f"PPO mean RM reward: step 1 {r[0]:+.3f} -> last {quarter} steps {statistics.fmean(r[-quarter:]):+.3f}; "
+             f"KL per reply over the last {quarter} steps {statistics.fmean(k[-quarter:]):.3f} (max {max(k):.3f})",
+             "Stage seconds: " + ", ".join(f"{s} {v}" for s, v in result["stage_seconds"].items())
+             + f"; total {result['seconds']} s"]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the study: seeds and KL = 0
+
+
+PUSH = dict(lr=1e-4, ppo_epochs=4, steps=40)  # PPO pushed harder: where the KL term has something to hold back
+
+
+def _ppo_numbers(run: Path, examples, seconds: float) -> dict:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "reward" in r]
+    acc = chat_accuracy(run, examples)
+    q = max(1, len(rows) // 4)
+    last = rows[-q:]
+    return {"accuracy": acc["accuracy"], "per_task": acc["per_task"], "reward_first": rows[0]["reward"],
+            "reward_last": statistics.fmean(r["reward"] for r in last),
+            "kl_last": statistics.fmean(r["kl"] for r in last), "kl_max": max(r["kl"] for r in rows),
+            "train_acc_last": statistics.fmean(r.get("train_acc", 0.0) for r in last),
+            "length_last": statistics.fmean(r["response_length"] for r in last),
+            "samples": acc["samples"][:8], "seconds": seconds}
+
+
+def ppo_study(sft_run: str | Path, rm_run: str | Path, out_root: str | Path, *, seeds=(0, 1, 2),
+              kl0: bool = True, push: dict | None = PUSH, **overrides: Any) -> dict:
+    """PPO from one SFT run and one reward model:
+
+        seed<s>            the demo's settings with seeds 0, 1, 2: is PPO's change in held-out accuracy larger
+                           than the spread across seeds?
+        kl0                the demo's settings with kl_coef 0
+        push-kl<b>         lr, epochs and steps from `push` (PPO pushed harder), with the demo's KL coefficient
+                           and with 0: what the KL penalty holds back when the policy can move far
+
+    Prints per run the held-out accuracy (verifier), RM reward first -> last quarter, KL, rollout accuracy,
+    reply length, and sample replies of the KL = 0 runs; writes ppo_study.md/json under `out_root`."""
+    out_root = Path(out_root)
+    examples = heldout()
+    sft_acc = chat_accuracy(sft_run, examples)
+    runs: dict[str, dict] = {f"seed{s}": dict(seed=s) for s in seeds}
+    if kl0:
+        runs["kl0"] = dict(seed=seeds[0], kl_coef=0.0)
+    if push:
+        runs[f"push-kl{DEMO['ppo']['kl_coef']}"] = dict(seed=seeds[0], **push)
+        runs["push-kl0"] = dict(seed=seeds[0], kl_coef=0.0, **push)
+    results = {}
+    for name, kw in runs.items():
+        run = out_root / f"ppo-{name}"
+        st = _stage("ppo", run, policy=str(sft_run), reward=str(rm_run), **{**overrides, **kw})
+        results[name] = _ppo_numbers(run, examples, st["seconds"])
+    seed_accs = [results[f"seed{s}"]["accuracy"] for s in seeds]
+    gains = [a - sft_acc["accuracy"] for a in seed_accs]
+    summary = {"sft_accuracy": sft_acc["accuracy"], "sft_per_task": sft_acc["per_task"], "runs": results,
+               "gains": gains, "gain_mean": statistics.fmean(gains),
+               "seed_spread": max(seed_accs) - min(seed_accs)}
+    lines = [f"SFT held-out accuracy: {sft_acc['accuracy']:.3f} ({len(examples)} prompts)"]
+    for name, r in results.items():
+        lines.append(f"{name:>12}: PPO accuracy {r['accuracy']:.3f} ({r['accuracy'] - sft_acc['accuracy']:+.3f}), "
+                     f"RM reward {r['reward_first']:+.3f} -> {r['reward_last']:+.3f}, KL {r['kl_last']:.3f} "
+                     f"(max {r['kl_max']:.3f}), rollout accuracy {r['train_acc_last']:.3f}, "
+                     f"reply length {r['length_last']:.1f}")
+    lines.append(f"change over {len(seeds)} seeds {statistics.fmean(gains):+.3f} (each: "
+                 + ", ".join(f"{g:+.3f}" for g in gains) + f"); spread of PPO accuracy across seeds "
+                 f"{summary['seed_spread']:.3f}")
+    for name in [n for n in results if n.endswith("kl0")]:
+        lines.append(f"{name} replies: " + "; ".join(f"{s['prompt']!r} -> {s['reply']!r}"
+                                                      for s in results[name]["samples"][:6]))
+    text = "\n".join(lines)
+    print0(text)
+    atomic_write_text(out_root / "ppo_study.md", text + "\n")
+    atomic_write_text(out_root / "ppo_study.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body(argv):
+        p = argparse.ArgumentParser(prog="python -m glassmind.train.align_demo", description=__doc__.split("\n")[0])
+        p.add_argument("--base", required=True, help="a pre-trained decoder run (e.g. runs/demo/pretrain-decoder)")
+        p.add_argument("--out", default="runs/demo/align", help="where the stages write their runs")
+        p.add_argument("--study", action="store_true", help="also run PPO with 3 seeds and with KL coefficient 0")
+        args = p.parse_args(argv)
+        demo_stage(args.base, args.out)
+        if args.study:
+            out = Path(args.out)
+            ppo_study(out / "sft", out / "reward", out / "study")
+        return 0
+
+    return run_main(body, argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

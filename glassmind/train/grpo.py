@@ -1,0 +1,229 @@
+"""`glassmind grpo --policy SFT_RUN [--reward RM_RUN | --reward verifier]`: group relative policy optimisation.
+
+GRPO (Shao et al. 2024, DeepSeekMath, sec. 4.1) drops PPO's value function: each prompt gets a group of G
+sampled replies, and a reply's advantage is its reward standardised within the group (rl.group_advantages),
+the same for all its tokens. The loss is PPO's clipped surrogate with those advantages, plus an optional
+KL penalty in the loss itself (not in the reward), estimated per token with k3, DeepSeekMath eq. 4.
+
+The reward is the reward model's score of each reply, or, with `--reward verifier`, 1 for a reply the
+built-in task's verifier accepts and 0 otherwise (a verifiable reward, no learned model to exploit).
+
+    rollouts (G per prompt, through the inference engine) -> rewards -> group advantages ->
+    `epochs` passes of clipped updates (+ beta * k3 against the frozen SFT reference) -> log, checkpoint
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from glassmind.common import GlassmindError, print0, run_main
+from glassmind.data import tasks as task_lib
+from glassmind.train import checkpoint, metrics, rl
+from glassmind.train.optim import adamw
+from glassmind.train.ppo import (PolicyWithValue, frozen, minibatch_order, read_prompts, rollout, sample_seed,
+                                 score_batch, step_prompts, verifier_accuracy)
+from glassmind.train.schedule import lr_at
+from glassmind.train.sft import (accuracy_row, config_field, evaluate_tasks, load_chat_run, parse_config,
+                                 prepare_out, require_dir, resume_state, save_outputs, set_lr, setup_torch)
+
+SETTINGS = "grpo.json"
+VERIFIER = "verifier"
+
+
+@dataclass
+class GRPOConfig:
+    policy: str = config_field("", "the SFT run: the starting policy and the frozen reference")
+    reward: str = config_field("", "a reward-model run, or 'verifier' for 1/0 from the built-in tasks' verifier")
+    out: str = config_field("runs/grpo", "run directory to write")
+    prompts: Optional[str] = config_field(None, "JSONL of {\"prompt\": ...} (default: built-in task prompts; "
+                                                "--reward verifier needs those)")
+    tasks: list[str] = config_field(list(task_lib.TASKS), "built-in tasks whose prompts are used")
+    world_seed: int = config_field(0, "seed of the built-in fictional world")
+    steps: int = config_field(40, "GRPO steps")
+    prompts_per_step: int = config_field(8, "prompts per step")
+    group: int = config_field(8, "G: replies sampled per prompt")
+    max_new_tokens: int = config_field(12, "longest reply")
+    temperature: float = config_field(1.0, "sampling temperature")
+    epochs: int = config_field(1, "passes over each batch (1: the ratio is 1 and the clip never binds)")
+    minibatch: int = config_field(16, "replies per gradient step")
+    lr: float = config_field(3e-5, "learning rate (after warmup; constant)")
+    warmup_steps: int = config_field(2, "linear warmup, in steps")
+    kl_coef: float = config_field(0.04, "beta of the k3 KL term in the loss (0: no KL, no reference pass)")
+    clip: float = config_field(0.2, "policy ratio clip epsilon")
+    grad_clip: float = config_field(1.0, "clip the global gradient norm (0: off)")
+    seed: int = config_field(0, "seed for prompts, sampling and minibatch order")
+    eval_every: int = config_field(1, "held-out accuracy every N steps (and at the end)")
+    eval_per_task: int = config_field(10, "held-out prompts per task in each evaluation")
+    final_eval_per_task: int = config_field(50, "held-out prompts per task in the final evaluation")
+    ckpt_every: int = config_field(10, "checkpoint every N steps (and at the end)")
+    keep_last: int = config_field(2, "checkpoints to keep")
+    resume: bool = config_field(False, "continue the run in --out from its newest complete checkpoint")
+    threads: Optional[int] = config_field(None, "CPU threads for torch")
+    progress: bool = config_field(True, "print a line per step")
+
+
+def check(cfg: GRPOConfig) -> None:
+    for name in ("steps", "prompts_per_step", "group", "max_new_tokens", "epochs", "minibatch"):
+        if getattr(cfg, name) <= 0:
+            raise GlassmindError(f"--{name.replace('_', '-')} must be positive")
+    if cfg.group < 2:
+        raise GlassmindError("--group must be >= 2: advantages are relative to the other replies of a prompt")
+    if (cfg.prompts_per_step * cfg.group) % cfg.minibatch:
+        raise GlassmindError("--prompts-per-step x --group must be a multiple of --minibatch")
+    if not cfg.reward:
+        raise GlassmindError("--reward is required: a reward-model run or 'verifier'")
+    if cfg.reward == VERIFIER and cfg.prompts:
+        raise GlassmindError("--reward verifier checks the built-in tasks' answers: drop --prompts")
+    if cfg.temperature <= 0:
+        raise GlassmindError("--temperature must be > 0: GRPO compares sampled replies")
+
+
+def grpo_step(cfg: GRPOConfig, step: int, model: PolicyWithValue, ref, rm, fmt, optimizer, user_prompts) -> dict:
+    n = cfg.prompts_per_step
+    messages, examples = step_prompts(cfg, step, n, user_prompts)
+    # each prompt repeated G times in a row; the engine seeds row i with seed + i, so the G replies differ
+    messages = [m for m in messages for _ in range(cfg.group)]
+    examples = [e for e in examples for _ in range(cfg.group)]
+    model.eval()
+    r = rollout(model.policy, fmt, messages, examples, max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature, seed=sample_seed(cfg.seed, step))
+    B = len(messages)
+    orders = [minibatch_order(cfg.seed, step, e, B, cfg.minibatch) for e in range(cfg.epochs)]
+    old_logp, _, ent, ref_logp = score_batch(model, ref, r, orders[0], temperature=cfg.temperature)
+    with torch.no_grad():
+        if rm is None:
+            rewards = torch.tensor([float(task_lib.verify(e, rep)) for e, rep in zip(r.examples, r.replies)])
+        else:
+            rewards = rm(r.ids, r.attn)
+    adv = rl.group_advantages(rewards.view(n, cfg.group)).view(B)                   # (B,)
+    adv_tok = adv[:, None].expand_as(old_logp) * r.actions                            # (B, T-1)
+
+    stats: dict[str, list[float]] = {"pg_loss": [], "clipfrac": [], "approx_kl": [], "kl": []}
+    params = [p for p in model.parameters() if p.requires_grad]
+    for order in orders:
+        for idx in order:
+            _, logp, _ = rl.forward_logprobs(model.policy, r.ids[idx], r.attn[idx], temperature=cfg.temperature)
+            mask = r.actions[idx]
+            pg_loss, pg_stats = rl.ppo_policy_loss(logp, old_logp[idx], adv_tok[idx], mask, cfg.clip)
+            kl = rl.masked_mean(rl.kl_estimate(logp, ref_logp[idx], "k3"), mask)
+            loss = pg_loss + cfg.kl_coef * kl if cfg.kl_coef > 0 else pg_loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats["pg_loss"].append(float(pg_loss.detach()))
+            stats["kl"].append(float(kl.detach()))
+            stats["clipfrac"].append(pg_stats["clipfrac"])
+            stats["approx_kl"].append(pg_stats["approx_kl"])
+    # KL per reply under the rollout policy (k1 summed over the reply's tokens), comparable with PPO's
+    seq_kl = (rl.kl_estimate(old_logp, ref_logp, "k1") * r.actions).sum(-1).mean()
+    row = {"reward": float(rewards.mean()), "reward_std_in_group": float(rewards.view(n, cfg.group).std(-1).mean()),
+           "kl": float(seq_kl), "entropy": float(rl.masked_mean(ent, r.actions)),
+           "response_length": float(r.lengths.mean()),
+           **{("kl_loss" if k == "kl" else k): sum(v) / len(v) for k, v in stats.items()}}
+    acc = verifier_accuracy(r)
+    if acc is not None:
+        row["train_acc"] = acc
+    row["sample"] = r.replies[0]
+    return row
+
+
+def grpo(cfg: GRPOConfig) -> dict:
+    from glassmind.train.reward import load_reward_model
+
+    t_start = time.perf_counter()
+    check(cfg)
+    require_dir(cfg.policy, "--policy")
+    if cfg.reward != VERIFIER:
+        require_dir(cfg.reward, "--reward")
+    setup_torch(cfg.threads)
+    out = prepare_out(cfg, SETTINGS)
+
+    policy, tok, fmt = load_chat_run(cfg.policy, "--policy")
+    rl.check_pad_eos(fmt.pad_id, fmt.end_id)
+    # the reference pass also measures KL for the log, so it runs even with kl_coef 0
+    ref = frozen(copy.deepcopy(policy))
+    rm = None if cfg.reward == VERIFIER else frozen(load_reward_model(cfg.reward))
+    model = PolicyWithValue(policy, None)
+    user_prompts = read_prompts(cfg.prompts) if cfg.prompts else None
+    heldout = task_lib.heldout_examples(cfg.eval_per_task, cfg.tasks, cfg.world_seed)
+
+    optimizer = adamw(model, lr=cfg.lr, weight_decay=0.0)
+    log = metrics.MetricsLog(out)
+    step, _, last = resume_state(cfg, out, model=model, optimizer=optimizer)
+
+    def save_checkpoint() -> Path:
+        path = checkpoint.save(out / "train_state", step, model=model, optimizer=optimizer, keep_last=cfg.keep_last)
+        save_outputs(out, policy, tok)
+        return path
+
+    first = None
+    if step == 0:
+        first = {"step": 0, "split": "heldout", **accuracy_row(evaluate_tasks(policy, fmt, heldout))}
+        log.log(first)
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, max_lr=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, decay="constant")
+        set_lr(optimizer, lr)
+        row = grpo_step(cfg, step, model, ref, rm, fmt, optimizer, user_prompts)
+        step += 1
+        row = {"step": step, "tokens": step * cfg.prompts_per_step * cfg.group, "lr": lr, **row}
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            row.update(accuracy_row(evaluate_tasks(policy, fmt, heldout)))
+        row["seconds"] = time.perf_counter() - t0
+        log.log(row)
+        if cfg.progress:
+            acc = f"  held-out acc {row['heldout_acc']:.3f}" if "heldout_acc" in row else ""
+            print0(f"grpo step {step}/{cfg.steps}  reward {row['reward']:+.3f}  kl {row['kl']:.3f}  "
+                   f"entropy {row['entropy']:.3f}  len {row['response_length']:.1f}{acc}  {row['seconds']:.1f}s  "
+                   f"{row['sample']!r}")
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
+            last = save_checkpoint()
+
+    if last is None or last.name != checkpoint.step_dir_name(step):
+        save_checkpoint()
+    final = evaluate_tasks(policy, fmt, task_lib.heldout_examples(cfg.final_eval_per_task, cfg.tasks, cfg.world_seed))
+    rows = [r for r in log.rows() if "reward" in r]
+    first = first or next((r for r in log.rows() if r.get("split") == "heldout"), {})
+    tail = rows[-max(1, len(rows) // 4):]
+    summary = {"run": str(out), "steps": step, "heldout_acc_start": first.get("heldout_acc"),
+               "heldout_acc": final["accuracy"], **{f"acc_{t}": a for t, a in final["per_task"].items()},
+               "reward_first": rows[0]["reward"] if rows else None,
+               "reward_last_quarter": sum(r["reward"] for r in tail) / len(tail) if tail else None,
+               "kl_last_quarter": sum(r["kl"] for r in tail) / len(tail) if tail else None,
+               "seconds": time.perf_counter() - t_start}
+    from glassmind.train.ppo import plot_ppo
+
+    plot_ppo(log.rows(), out / "grpo.png", title=f"{out.name}: GRPO")
+    metrics.write_card(
+        out, title=f"{out.name}: GRPO",
+        what=(f"GRPO from {cfg.policy}: {step} steps of {cfg.prompts_per_step} prompts x {cfg.group} replies, "
+              f"reward from {'the verifier' if rm is None else 'the reward model ' + cfg.reward}, group-relative "
+              f"advantages, no value model, KL coefficient {cfg.kl_coef} (k3 in the loss)."),
+        parent=cfg.policy, numbers={k: v for k, v in summary.items() if k != "run" and v is not None},
+        config=dataclasses.asdict(cfg), plots=["grpo.png"])
+    print0(f"grpo done: held-out accuracy {summary['heldout_acc']:.3f}, {out}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body(argv):
+        grpo(parse_config(GRPOConfig, argv, prog="glassmind grpo", settings_file=SETTINGS,
+                          description="GRPO: group-relative advantages, no value model, optional KL."))
+        return 0
+
+    return run_main(body, argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,441 @@
+"""`glassmind ppo --policy SFT_RUN --reward RM_RUN`: RLHF with PPO and a per-token KL penalty.
+
+    1. config        one dataclass; flags come from its fields
+    2. rollouts      prompts -> replies sampled through the inference engine (seeded per step) -> a batch
+    3. scoring       old log-probs, values, reference log-probs, reward-model scores, all without gradient
+    4. rewards       r_t = -beta * KL_t on every reply token, + the normalised RM score on the last one
+    5. advantages    GAE over the reply tokens, whitened
+    6. the update    several epochs of minibatches: clipped policy loss + vf_coef * clipped value loss
+    7. the loop      log every step (reward, KL, entropy, clip fraction, value loss, approx-KL, length,
+                     held-out accuracy from the verifier), adapt beta, checkpoint, exact resume
+
+The recipe is Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences") and InstructGPT
+(Ouyang et al. 2022): the frozen SFT model is the reference, the reward model scores whole replies.
+
+The value function is a head on the policy's own trunk (a ScalarHead on the same hidden states the LM head
+reads), not a separate value model. Why: on a CPU every extra transformer forward and backward costs about as
+much as the policy's, and with a shared trunk one forward pass gives both log-probs and values. The price is
+that value-loss gradients also move the policy's features; vf_coef (0.1) and the value clip keep that small.
+InstructGPT used a separate value model initialised from the reward model, which is the better choice when
+compute allows (the value starts out knowing what the reward model likes). The head starts at zero, so the
+first advantages are the returns themselves.
+
+Rollouts sampled at temperature T come from softmax(logits / T), so every log-prob (old, new, reference) is
+computed at that same T: the ratio and the KL are those of the policy that acted.
+
+Exactness at the first step: the reference is a copy of the initial policy and every log-prob of a batch comes
+from the same function on the same minibatch (scoring uses epoch 0's minibatch order), so at step 0 the KL is
+exactly 0 and in every step the first minibatch's ratio is exactly 1.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from glassmind.common import GlassmindError, atomic_path, print0, run_main
+from glassmind.data import tasks as task_lib
+from glassmind.model.heads import ScalarHead
+from glassmind.tokenizer.chat import ChatFormat
+from glassmind.train import checkpoint, metrics, rl
+from glassmind.train.optim import adamw
+from glassmind.train.schedule import lr_at
+from glassmind.train.sft import (accuracy_row, config_field, evaluate_tasks, generate, load_chat_run,
+                                 parse_config, prepare_out, require_dir, resume_state, save_outputs, set_lr,
+                                 setup_torch)
+
+SETTINGS = "ppo.json"
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+# ======================================================================================================
+# 1. Configuration
+# ======================================================================================================
+
+
+@dataclass
+class PPOConfig:
+    policy: str = config_field("", "the SFT run: the starting policy and the frozen reference")
+    reward: str = config_field("", "the reward-model run (glassmind reward)")
+    out: str = config_field("runs/ppo", "run directory to write")
+    prompts: Optional[str] = config_field(None, "JSONL of {\"prompt\": text or messages} (default: built-in "
+                                                "task prompts)")
+    tasks: list[str] = config_field(list(task_lib.TASKS), "built-in tasks whose prompts are used")
+    world_seed: int = config_field(0, "seed of the built-in fictional world")
+    steps: int = config_field(40, "PPO steps (each: rollouts, scoring, several epochs of updates)")
+    rollouts: int = config_field(64, "prompts per step, one sampled reply each")
+    max_new_tokens: int = config_field(12, "longest reply")
+    temperature: float = config_field(1.0, "sampling temperature of the rollouts (1 = the policy itself)")
+    ppo_epochs: int = config_field(4, "passes over each batch of rollouts")
+    minibatch: int = config_field(16, "rollouts per gradient step")
+    lr: float = config_field(3e-5, "learning rate (after warmup; constant)")
+    warmup_steps: int = config_field(2, "linear warmup, in PPO steps")
+    kl_coef: float = config_field(0.05, "beta: weight of the per-token KL penalty (0: no penalty)")
+    kl_estimator: str = config_field("k1", "per-token KL estimator: k1 = log(pi/ref), k3 = (r-1) - log r",
+                           choices=("k1", "k3"))
+    kl_target: Optional[float] = config_field(None, "adapt beta towards this KL per reply (Ziegler et al.); "
+                                                    "None: fixed beta")
+    kl_horizon: int = config_field(10000, "adaptive KL: the horizon in replies")
+    gamma: float = config_field(1.0, "discount")
+    lam: float = config_field(0.95, "GAE lambda")
+    clip: float = config_field(0.2, "policy ratio clip epsilon")
+    vf_clip: float = config_field(0.2, "value clip")
+    vf_coef: float = config_field(0.1, "weight of the value loss")
+    reward_norm: bool = config_field(True, "normalise RM scores by their running mean and std")
+    whiten_advantages: bool = config_field(True, "normalise advantages to mean 0, std 1 per batch")
+    grad_clip: float = config_field(1.0, "clip the global gradient norm (0: off)")
+    seed: int = config_field(0, "seed for prompts, sampling and minibatch order")
+    eval_every: int = config_field(1, "held-out accuracy every N steps (and at the end)")
+    eval_per_task: int = config_field(10, "held-out prompts per task in each evaluation")
+    final_eval_per_task: int = config_field(50, "held-out prompts per task in the final evaluation")
+    ckpt_every: int = config_field(10, "checkpoint every N steps (and at the end)")
+    keep_last: int = config_field(2, "checkpoints to keep")
+    resume: bool = config_field(False, "continue the run in --out from its newest complete checkpoint")
+    threads: Optional[int] = config_field(None, "CPU threads for torch")
+    progress: bool = config_field(True, "print a line per step")
+
+
+def check(cfg: PPOConfig) -> None:
+    for name in ("steps", "rollouts", "max_new_tokens", "ppo_epochs", "minibatch"):
+        if getattr(cfg, name) <= 0:
+            raise GlassmindError(f"--{name.replace('_', '-')} must be positive")
+    if cfg.rollouts % cfg.minibatch:
+        raise GlassmindError(f"--rollouts {cfg.rollouts} must be a multiple of --minibatch {cfg.minibatch}")
+    if cfg.kl_coef < 0:
+        raise GlassmindError("--kl-coef must be >= 0")
+    if cfg.temperature <= 0:
+        raise GlassmindError("--temperature must be > 0: PPO needs sampled rollouts")
+
+
+# ======================================================================================================
+# 2. Rollouts (shared with GRPO)
+# ======================================================================================================
+
+
+class PolicyWithValue(nn.Module):
+    """The policy and its value head, as one module so the train-state checkpoint holds both."""
+
+    def __init__(self, policy: nn.Module, value_head: nn.Module | None):
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+
+    @property
+    def config(self):
+        return self.policy.config
+
+
+def zero_value_head(d_model: int) -> ScalarHead:
+    head = ScalarHead(d_model)
+    nn.init.zeros_(head.proj.weight)
+    return head
+
+
+def read_prompts(path: str) -> list[list[dict]]:
+    """Prompts from JSONL lines {"prompt": text or messages} (preference files work too: their prompts)."""
+    out = [task_lib._prompt(obj.get("prompt"), f"{path}:{n}") for n, obj in task_lib._lines(path)]
+    if not out:
+        raise GlassmindError(f"{path} holds no prompts")
+    return out
+
+
+def step_prompts(cfg, step: int, n: int, user: list[list[dict]] | None) -> tuple[list[list[dict]], list]:
+    """The prompts of one step (a pure function of seed and step) and their examples (None for user prompts)."""
+    if user is not None:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = torch.randint(len(user), (n,), generator=g).tolist()
+        return [user[i] for i in idx], [None] * n
+    examples = task_lib.train_examples(n, cfg.seed * 1_000_003 + step, cfg.tasks, cfg.world_seed)
+    return [e.messages()[:1] for e in examples], examples
+
+
+def sample_seed(seed: int, step: int) -> int:
+    """The engine seeds reply i with this + i: distinct per step, the same when a step is re-run on resume."""
+    return (seed * 1_000_003 + step) * 100_003
+
+
+@dataclass
+class Rollouts:
+    ids: torch.Tensor        # (B, T) prompt + reply, right-padded
+    attn: torch.Tensor       # (B, T)
+    actions: torch.Tensor    # (B, T-1) 1 where logprob[t] scores a reply token
+    replies: list[str]
+    examples: list           # task_lib.Example or None per row
+    lengths: torch.Tensor    # (B,) reply tokens
+
+
+def rollout(model: nn.Module, fmt: ChatFormat, messages: Sequence[list[dict]], examples: list, *, max_new_tokens: int,
+            temperature: float, seed: int) -> Rollouts:
+    prompts = [fmt.render_prompt(m) for m in messages]
+    replies = generate(model, prompts, fmt.end_id, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    ids, attn, actions = rl.rollout_batch(prompts, replies, fmt.pad_id, fmt.end_id)
+    return Rollouts(ids, attn, actions, [fmt.parse_reply(r) for r in replies], list(examples),
+                    torch.tensor([len(r) for r in replies], dtype=torch.float32))
+
+
+def verifier_accuracy(r: Rollouts) -> float | None:
+    pairs = [(e, rep) for e, rep in zip(r.examples, r.replies) if e is not None]
+    return sum(task_lib.verify(e, rep) for e, rep in pairs) / len(pairs) if pairs else None
+
+
+def minibatch_order(seed: int, step: int, epoch: int, n: int, size: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + epoch)
+    return list(torch.randperm(n, generator=g).split(size))
+
+
+def policy_forward(model: PolicyWithValue, ids: torch.Tensor, attn: torch.Tensor, *, with_entropy: bool = False,
+                   temperature: float = 1.0):
+    """(logprob (b, T-1), values (b, T-1) or None, entropy or None) in one pass over the shared trunk. The
+    value at position t is V(prefix up to token t), the state in which action t (token t+1) is taken."""
+    hidden, logp, ent = rl.forward_logprobs(model.policy, ids, attn, with_entropy=with_entropy,
+                                            temperature=temperature)
+    values = model.value_head(hidden[:, :-1]) if model.value_head is not None else None
+    return logp, values, ent
+
+
+@torch.no_grad()
+def score_batch(model: PolicyWithValue, ref: nn.Module, r: Rollouts, order: Sequence[torch.Tensor], *,
+                temperature: float = 1.0):
+    """old logprob, values, entropy, reference logprob (each (B, T-1)), computed minibatch by minibatch in
+    `order` (epoch 0's), so the first update sees bit-identical log-probs: ratio exactly 1."""
+    B, T1 = r.actions.shape
+    old_logp, ref_logp, ent = torch.zeros(B, T1), torch.zeros(B, T1), torch.zeros(B, T1)
+    values = torch.zeros(B, T1)
+    for idx in order:
+        lp, v, e = policy_forward(model, r.ids[idx], r.attn[idx], with_entropy=True, temperature=temperature)
+        old_logp[idx], ent[idx] = lp, e
+        if v is not None:
+            values[idx] = v
+        ref_logp[idx] = rl.forward_logprobs(ref, r.ids[idx], r.attn[idx], temperature=temperature)[1]
+    return old_logp, values, ent, ref_logp
+
+
+def save_policy(out: Path, model: PolicyWithValue, tok) -> None:
+    """The policy as a plain model run (loadable by glassmind.model.load), the value head beside it."""
+    from safetensors.torch import save_file
+
+    save_outputs(out, model.policy, tok)
+    if model.value_head is not None:
+        with atomic_path(out / VALUE_HEAD_FILE) as tmp:
+            save_file({k: v.detach().contiguous() for k, v in model.value_head.state_dict().items()}, str(tmp))
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+# ======================================================================================================
+# 3.-6. One PPO step
+# ======================================================================================================
+
+
+def ppo_step(cfg: PPOConfig, step: int, model: PolicyWithValue, ref: nn.Module, rm: nn.Module, fmt: ChatFormat,
+             optimizer, kl_ctl: rl.KLController, moments: rl.RunningMoments, user_prompts) -> dict:
+    """Rollouts, scoring, rewards, GAE and `ppo_epochs` epochs of clipped updates. Returns the step's stats."""
+    messages, examples = step_prompts(cfg, step, cfg.rollouts, user_prompts)
+    model.eval()  # no dropout anywhere in RL: the ratio must compare the same function
+    r = rollout(model.policy, fmt, messages, examples, max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature, seed=sample_seed(cfg.seed, step))
+    act = r.actions.float()
+    orders = [minibatch_order(cfg.seed, step, e, cfg.rollouts, cfg.minibatch) for e in range(cfg.ppo_epochs)]
+
+    # -- 3. scoring ---------------------------------------------------------------------------------------
+    old_logp, values, ent, ref_logp = score_batch(model, ref, r, orders[0], temperature=cfg.temperature)
+    with torch.no_grad():
+        scores = rm(r.ids, r.attn)                                                    # (B,)
+
+    # -- 4. rewards: KL penalty on every reply token, the (normalised) score on the last -----------------
+    kl = rl.kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * act                  # (B, T-1)
+    if cfg.reward_norm:
+        moments.update(scores)
+        final = moments.normalise(scores)
+    else:
+        final = scores
+    beta = kl_ctl.value
+    rewards = -beta * kl + rl.place_at_last(final, r.actions)
+
+    # -- 5. advantages ------------------------------------------------------------------------------------
+    advantages, returns = rl.gae(rewards, values, r.actions, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = rl.masked_whiten(advantages, r.actions)
+
+    # -- 6. the update ------------------------------------------------------------------------------------
+    stats: dict[str, list[float]] = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "approx_kl": [],
+                                     "vf_clipfrac": []}
+    ratio_first = None
+    params = [p for p in model.parameters() if p.requires_grad]
+    for order in orders:
+        for idx in order:
+            logp, v, _ = policy_forward(model, r.ids[idx], r.attn[idx], temperature=cfg.temperature)
+            mask = r.actions[idx]
+            pg_loss, pg_stats = rl.ppo_policy_loss(logp, old_logp[idx], advantages[idx], mask, cfg.clip)
+            vf_loss, vf_stats = rl.ppo_value_loss(v, values[idx], returns[idx], mask, cfg.vf_clip)
+            if ratio_first is None:
+                ratio_first = pg_stats["ratio"]
+            loss = pg_loss + cfg.vf_coef * vf_loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses = {"pg_loss": float(pg_loss.detach()), "vf_loss": float(vf_loss.detach())}
+            for k, val in (*losses.items(), *pg_stats.items(), *vf_stats.items()):
+                if k in stats:
+                    stats[k].append(val)
+
+    seq_kl = (kl.sum(-1)).mean()
+    kl_ctl.update(float(seq_kl), cfg.rollouts)
+    row = {"reward": float(scores.mean()), "reward_normalised": float(final.mean()),
+           "kl": float(seq_kl), "kl_coef": beta, "entropy": float(rl.masked_mean(ent, r.actions)),
+           "response_length": float(r.lengths.mean()), "ratio_first": ratio_first,
+           **{k: sum(v) / len(v) for k, v in stats.items()}}
+    acc = verifier_accuracy(r)
+    if acc is not None:
+        row["train_acc"] = acc
+    row["sample"] = r.replies[0]
+    return row
+
+
+# ======================================================================================================
+# 7. The loop
+# ======================================================================================================
+
+
+def ppo(cfg: PPOConfig) -> dict:
+    from glassmind.train.reward import load_reward_model
+
+    t_start = time.perf_counter()
+    check(cfg)
+    require_dir(cfg.policy, "--policy")
+    require_dir(cfg.reward, "--reward")
+    setup_torch(cfg.threads)
+    out = prepare_out(cfg, SETTINGS)
+
+    policy, tok, fmt = load_chat_run(cfg.policy, "--policy")
+    rl.check_pad_eos(fmt.pad_id, fmt.end_id)
+    ref = frozen(copy.deepcopy(policy))
+    rm = frozen(load_reward_model(cfg.reward))
+    if rm.config.vocab_size < tok.vocab_size:
+        raise GlassmindError(f"the reward model {cfg.reward} has a smaller vocabulary ({rm.config.vocab_size}) than "
+                             f"the policy's tokenizer ({tok.vocab_size}): train it from the same SFT run")
+    model = PolicyWithValue(policy, zero_value_head(policy.config.d_model))
+    user_prompts = read_prompts(cfg.prompts) if cfg.prompts else None
+    heldout = task_lib.heldout_examples(cfg.eval_per_task, cfg.tasks, cfg.world_seed)
+
+    optimizer = adamw(model, lr=cfg.lr, weight_decay=0.0)
+    kl_ctl = rl.KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    moments = rl.RunningMoments()
+    log = metrics.MetricsLog(out)
+    step, extra, last = resume_state(cfg, out, model=model, optimizer=optimizer)
+    if extra:
+        kl_ctl.load_state_dict(extra["kl_ctl"])
+        moments.load_state_dict(extra["moments"])
+
+    def save_checkpoint() -> Path:
+        path = checkpoint.save(out / "train_state", step, model=model, optimizer=optimizer, keep_last=cfg.keep_last,
+                               extra={"kl_ctl": kl_ctl.state_dict(), "moments": moments.state_dict()})
+        save_policy(out, model, tok)
+        return path
+
+    first = None
+    if step == 0:
+        first = {"step": 0, "split": "heldout", **accuracy_row(evaluate_tasks(model.policy, fmt, heldout))}
+        log.log(first)
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, max_lr=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, decay="constant")
+        set_lr(optimizer, lr)
+        row = ppo_step(cfg, step, model, ref, rm, fmt, optimizer, kl_ctl, moments, user_prompts)
+        step += 1
+        row = {"step": step, "tokens": step * cfg.rollouts, "lr": lr, **row}
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            row.update(accuracy_row(evaluate_tasks(model.policy, fmt, heldout)))
+        row["seconds"] = time.perf_counter() - t0
+        log.log(row)
+        if cfg.progress:
+            acc = f"  held-out acc {row['heldout_acc']:.3f}" if "heldout_acc" in row else ""
+            print0(f"ppo step {step}/{cfg.steps}  reward {row['reward']:+.3f}  kl {row['kl']:.3f}  "
+                   f"entropy {row['entropy']:.3f}  clipfrac {row['clipfrac']:.3f}  vf_loss {row['vf_loss']:.3f}  "
+                   f"len {row['response_length']:.1f}{acc}  {row['seconds']:.1f}s  {row['sample']!r}")
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
+            last = save_checkpoint()
+
+    if last is None or last.name != checkpoint.step_dir_name(step):
+        save_checkpoint()
+    final = evaluate_tasks(model.policy, fmt,
+                           task_lib.heldout_examples(cfg.final_eval_per_task, cfg.tasks, cfg.world_seed))
+    rows = [r for r in log.rows() if "reward" in r]
+    first = first or next((r for r in log.rows() if r.get("split") == "heldout"), {})
+    tail = rows[-max(1, len(rows) // 4):]  # the last quarter of the run, less noisy than the last step
+    summary = {"run": str(out), "steps": step, "heldout_acc_start": first.get("heldout_acc"),
+               "heldout_acc": final["accuracy"], **{f"acc_{t}": a for t, a in final["per_task"].items()},
+               "reward_first": rows[0]["reward"] if rows else None,
+               "reward_last_quarter": sum(r["reward"] for r in tail) / len(tail) if tail else None,
+               "kl_last_quarter": sum(r["kl"] for r in tail) / len(tail) if tail else None,
+               "kl_coef": kl_ctl.value, "seconds": time.perf_counter() - t_start}
+    plot_ppo(log.rows(), out / "ppo.png", title=f"{out.name}: PPO")
+    metrics.write_card(
+        out, title=f"{out.name}: PPO (RLHF)",
+        what=(f"PPO from {cfg.policy} against the reward model {cfg.reward}: {step} steps of {cfg.rollouts} "
+              f"rollouts, {cfg.ppo_epochs} epochs of minibatches of {cfg.minibatch}, per-token KL penalty "
+              f"({cfg.kl_estimator}, beta {cfg.kl_coef}{', adaptive to ' + str(cfg.kl_target) if cfg.kl_target else ''}"
+              "), GAE, clipped policy and value losses; value head on the policy trunk. Held-out accuracy from the "
+              "verifier over " + str(len(final["samples"])) + " prompts."),
+        parent=cfg.policy, numbers={k: v for k, v in summary.items() if k != "run" and v is not None},
+        config=dataclasses.asdict(cfg), plots=["ppo.png"])
+    print0(f"ppo done: held-out accuracy {summary['heldout_acc']:.3f}, reward {summary['reward_first']:+.3f} -> "
+           f"{summary['reward_last_quarter']:+.3f}, KL {summary['kl_last_quarter']:.3f}, {out}")
+    return summary
+
+
+def plot_ppo(rows: list[dict], path: Path, *, title: str) -> None:
+    """Reward, KL and held-out accuracy against the step: the three curves that say whether RL helped."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from glassmind.common import atomic_write_bytes
+
+    rows = [r for r in rows if "reward" in r]
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=100)
+    for ax, key, label in zip(axes, ("reward", "kl", "heldout_acc"),
+                              ("mean RM score", "KL(policy || reference) per reply", "held-out accuracy")):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), lw=1.2)
+        ax.set_xlabel("step")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=11)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body(argv):
+        ppo(parse_config(PPOConfig, argv, prog="glassmind ppo", settings_file=SETTINGS,
+                         description="RLHF with PPO: rollouts, a reward model, a KL penalty against the SFT model."))
+        return 0
+
+    return run_main(body, argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

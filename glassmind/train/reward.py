@@ -1,0 +1,286 @@
+"""`glassmind reward --from SFT_RUN`: a reward model trained on ranked responses with the Bradley-Terry loss.
+
+    1. the model     the SFT transformer (its final hidden states) + a ScalarHead; the score of a sequence is
+                     the head's output at its last real token (the <|end|> that closes the reply)
+    2. the data      rankings of K replies per prompt: built-in (glassmind.data.tasks) or a preference JSONL
+                     (pairs, K-way rankings, `glassmind rank` output)
+    3. the loss      every pair a ranking implies, -log sigmoid(s_better - s_worse), ties as half a win each
+                     way (rl.bradley_terry_loss); InstructGPT (Ouyang et al. 2022, sec. 3.5) puts all K(K-1)/2
+                     pairs of a prompt in one batch element, as here, which is cheaper (K forward passes for
+                     K(K-1)/2 comparisons) and does not overfit the way shuffled single pairs do
+    4. the loop      AdamW, warmup + cosine, clip, held-out pairwise accuracy, checkpoint, exact resume
+
+The run directory holds the trunk as a plain model (config.json, model.safetensors: `glassmind.model.load`
+reads it) and the head in reward_head.safetensors; `load_reward_model` puts them together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from glassmind.common import GlassmindError, atomic_path, print0, run_main
+from glassmind.data import tasks as task_lib
+from glassmind.model.heads import ScalarHead
+from glassmind.tokenizer.chat import ChatFormat
+from glassmind.train import checkpoint, metrics, rl
+from glassmind.train.optim import adamw
+from glassmind.train.schedule import lr_at
+from glassmind.train.sft import (config_field, load_chat_run, parse_config, prepare_out, require_dir,
+                                 resume_state, set_lr, setup_torch, step_indices)
+
+HEAD_FILE = "reward_head.safetensors"
+SETTINGS = "reward.json"
+
+# ======================================================================================================
+# 1. The model
+# ======================================================================================================
+
+
+class RewardModel(nn.Module):
+    """The transformer trunk and a scalar head: (ids (B, T), attention (B, T)) -> scores (B,), read at each
+    row's last real token whatever side the padding is on."""
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+        self.head = ScalarHead(trunk.config.d_model)
+
+    @property
+    def config(self):
+        return self.trunk.config
+
+    def forward(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        per_position = self.head(self.trunk.features(ids, attention_mask=attn))       # (B, T)
+        return rl.at_last_token(per_position, attn)                                   # (B,)
+
+    def save(self, run_dir: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        self.trunk.save(run_dir)
+        with atomic_path(Path(run_dir) / HEAD_FILE) as tmp:
+            save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, str(tmp))
+
+
+def load_reward_model(run_dir: str | Path) -> RewardModel:
+    from safetensors.torch import load_file
+
+    from glassmind.model import load
+
+    run_dir = require_dir(str(run_dir), "--reward")
+    if not (run_dir / HEAD_FILE).exists():
+        raise GlassmindError(f"{run_dir} has no {HEAD_FILE}: it is not a reward model; train one with "
+                             "`glassmind reward --from SFT_RUN`")
+    rm = RewardModel(load(run_dir))
+    rm.head.load_state_dict(load_file(str(run_dir / HEAD_FILE)))
+    return rm.eval()
+
+
+# ======================================================================================================
+# 2. Configuration and data
+# ======================================================================================================
+
+
+@dataclass
+class RewardConfig:
+    parent: str = config_field("", "the SFT run the reward model starts from; flag --from")
+    out: str = config_field("runs/reward", "run directory to write")
+    data: Optional[str] = config_field(None, "preference JSONL: {prompt, chosen, rejected} or {prompt, responses, "
+                                             "ranking} (default: the built-in preferences)")
+    val_fraction: float = config_field(0.1, "with --data: fraction of prompts held out (by a hash of the prompt)")
+    tasks: list[str] = config_field(list(task_lib.TASKS), "built-in tasks")
+    n_prefs: int = config_field(4000, "built-in training rankings (K = 5 replies each)")
+    eval_prefs: int = config_field(120, "built-in held-out rankings for the pairwise accuracy")
+    world_seed: int = config_field(0, "seed of the built-in fictional world")
+    steps: int = config_field(300, "optimizer steps")
+    batch_size: int = config_field(8, "rankings per step (all their pairs)")
+    lr: float = config_field(3e-4, "peak learning rate")
+    warmup_steps: int = config_field(20, "linear warmup steps")
+    min_lr_ratio: float = config_field(0.1, "final lr as a fraction of the peak")
+    weight_decay: float = config_field(0.0, "AdamW weight decay (matrices only)")
+    grad_clip: float = config_field(1.0, "clip the global gradient norm (0: off)")
+    seed: int = config_field(0, "seed for the data order and the head's init")
+    eval_every: int = config_field(100, "evaluate every N steps (and at the end)")
+    ckpt_every: int = config_field(100, "checkpoint every N steps (and at the end)")
+    keep_last: int = config_field(2, "checkpoints to keep")
+    resume: bool = config_field(False, "continue the run in --out from its newest complete checkpoint")
+    threads: Optional[int] = config_field(None, "CPU threads for torch")
+    progress: bool = config_field(True, "print progress lines")
+
+
+def preferences(cfg: RewardConfig) -> tuple[list[task_lib.Preference], list[task_lib.Preference]]:
+    """(train, held-out) rankings. User data is split by a hash of each prompt, so a prompt's rankings are
+    all on one side."""
+    if cfg.data:
+        prefs = task_lib.read_preferences_jsonl(cfg.data)
+        key = lambda p: task_lib._unit_hash("val:" + repr(p.prompt))  # noqa: E731
+        train = [p for p in prefs if key(p) >= cfg.val_fraction]
+        val = [p for p in prefs if key(p) < cfg.val_fraction]
+        if not train:
+            raise GlassmindError(f"{cfg.data}: every prompt fell in the held-out split; lower --val-fraction")
+        return train, val
+    return (task_lib.builtin_preferences("train", cfg.n_prefs, cfg.seed, cfg.tasks, cfg.world_seed),
+            task_lib.builtin_preferences("heldout", cfg.eval_prefs, cfg.seed, cfg.tasks, cfg.world_seed))
+
+
+def render_preference(fmt: ChatFormat, p: task_lib.Preference, context: int) -> list[list[int]]:
+    """The K sequences prompt + reply + <|end|>, each cut to the context (keeping its end: the score is read
+    at the last token, so the reply's end must be there)."""
+    prompt = fmt.render_prompt(p.prompt)
+    return [(prompt + fmt.render_reply(r))[-context:] for r in p.responses]
+
+
+def score_rankings(rm: RewardModel, fmt: ChatFormat, prefs: Sequence[task_lib.Preference]) -> list[torch.Tensor]:
+    """Scores (K,) of every ranking's replies, one forward pass over all of them (right-padded)."""
+    seqs = [render_preference(fmt, p, rm.config.context_length) for p in prefs]
+    ids, attn = rl.pad_rows([s for group in seqs for s in group], fmt.pad_id)
+    scores = rm(ids, attn)
+    return list(scores.split([len(g) for g in seqs]))
+
+
+def ranking_loss(scores: Sequence[torch.Tensor], prefs: Sequence[task_lib.Preference]) -> torch.Tensor:
+    """Sum over the batch's rankings of their Bradley-Terry losses, divided by the total pair weight: the mean
+    loss per comparison (a 5-way ranking counts as its 10 comparisons)."""
+    total = sum(rl.bradley_terry_loss(s, p.ranks) for s, p in zip(scores, prefs))
+    weight = sum(w for p in prefs for _, _, w in rl.ranking_pairs(p.ranks))
+    return total / max(weight, 1.0)
+
+
+@torch.no_grad()
+def pairwise_accuracy(rm: RewardModel, fmt: ChatFormat, prefs: Sequence[task_lib.Preference],
+                      batch_size: int = 32) -> dict:
+    """Fraction of strict held-out pairs the model orders right; on built-in data also the accuracy on the
+    pair that needs the answer checked: the correct reply against a near miss (same format, wrong value)."""
+    right = n = 0.0
+    hard_right = hard_n = 0.0
+    for start in range(0, len(prefs), batch_size):
+        chunk = prefs[start:start + batch_size]
+        for s, p in zip(score_rankings(rm, fmt, chunk), chunk):
+            r, k = rl.pairwise_accuracy(s, p.ranks)
+            right, n = right + r, n + k
+            for i, j, w in rl.ranking_pairs(p.ranks):
+                if w == 1.0 and p.ranks[i] == 0 and p.ranks[j] == 1:
+                    d = float(s[i] - s[j])
+                    hard_right += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
+                    hard_n += 1
+    out = {"pairwise_acc": right / n if n else float("nan"), "pairs": int(n)}
+    if hard_n and all(p.example is not None for p in prefs):
+        out["acc_correct_vs_near_miss"] = hard_right / hard_n
+    return out
+
+
+# ======================================================================================================
+# 3. The loop
+# ======================================================================================================
+
+
+def train_reward(cfg: RewardConfig) -> dict:
+    t_start = time.perf_counter()
+    parent = require_dir(cfg.parent, "--from")
+    for name in ("steps", "batch_size"):
+        if getattr(cfg, name) <= 0:
+            raise GlassmindError(f"--{name.replace('_', '-')} must be positive")
+    setup_torch(cfg.threads)
+    out = prepare_out(cfg, SETTINGS)
+
+    trunk, tok, fmt = load_chat_run(parent, "--from")
+    torch.manual_seed(cfg.seed)  # the head's init
+    rm = RewardModel(trunk)
+    train, val = preferences(cfg)
+    print0(f"reward: {len(train):,} training rankings ({sum(len(p.pairs()) for p in train):,} strict pairs), "
+           f"{len(val):,} held out; {rm.trunk.num_params():,} + {sum(p.numel() for p in rm.head.parameters())} "
+           "parameters")
+
+    optimizer = adamw(rm, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    log = metrics.MetricsLog(out)
+    step, _, last = resume_state(cfg, out, model=rm, optimizer=optimizer)
+    params = [p for p in rm.parameters() if p.requires_grad]
+
+    def save_checkpoint() -> Path:
+        path = checkpoint.save(out / "train_state", step, model=rm, optimizer=optimizer, keep_last=cfg.keep_last)
+        rm.save(out)
+        tok.save(out)
+        return path
+
+    def run_eval() -> dict:
+        rm.eval()
+        row = {"step": step, "tokens": step * cfg.batch_size, "split": "heldout", **pairwise_accuracy(rm, fmt, val)}
+        rm.train()
+        log.log(row)
+        return row
+
+    first = run_eval() if step == 0 and val else None
+    rm.train()
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, max_lr=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, decay="cosine",
+                   min_lr_ratio=cfg.min_lr_ratio)
+        set_lr(optimizer, lr)
+        batch = [train[i] for i in step_indices(step, cfg.batch_size, len(train), cfg.seed)]
+        scores = score_rankings(rm, fmt, batch)
+        loss = ranking_loss(scores, batch)
+        loss.backward()
+        loss = loss.detach()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+        if not math.isfinite(float(loss)) or not math.isfinite(grad_norm):
+            raise GlassmindError(f"step {step + 1}: loss or gradient norm is not finite; stopped before the update "
+                                 f"(last checkpoint: {last}). Lower --lr and --resume")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        with torch.no_grad():
+            right = sum(rl.pairwise_accuracy(s, p.ranks)[0] for s, p in zip(scores, batch))
+            n = sum(rl.pairwise_accuracy(s, p.ranks)[1] for s, p in zip(scores, batch))
+        log.log({"step": step, "tokens": step * cfg.batch_size, "loss": float(loss), "lr": lr,
+                 "grad_norm": grad_norm, "train_pair_acc": right / max(n, 1)})
+        if cfg.progress and (step % 20 == 0 or step == cfg.steps):
+            print0(f"reward step {step}/{cfg.steps}  loss {float(loss):.4f}  batch pair acc {right / max(n, 1):.3f}  "
+                   f"{(time.perf_counter() - t0) * 1000:.0f} ms/step")
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and val:
+            print0(f"  eval: held-out pairwise accuracy {run_eval()['pairwise_acc']:.3f}")
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
+            last = save_checkpoint()
+
+    final = run_eval() if val else {}
+    if last is None or last.name != checkpoint.step_dir_name(step):
+        save_checkpoint()
+    first = first or next((r for r in log.rows() if r.get("split") == "heldout"), final)
+    metrics.plot_loss(log.rows(), out / "loss.png", title=f"{out.name}: reward model (Bradley-Terry)")
+    summary = {"run": str(out), "steps": step, "pairwise_acc_start": first.get("pairwise_acc"),
+               "pairwise_acc": final.get("pairwise_acc"),
+               "acc_correct_vs_near_miss": final.get("acc_correct_vs_near_miss"),
+               "heldout_pairs": final.get("pairs"), "seconds": time.perf_counter() - t_start}
+    metrics.write_card(
+        out, title=f"{out.name}: reward model",
+        what=(f"Reward model = the SFT transformer + a scalar head on the last token, initialised from {parent}, "
+              f"trained {step} steps with the Bradley-Terry loss over every pair of {cfg.batch_size} rankings per "
+              f"step ({cfg.data or 'built-in preferences, K = 5, rule in glassmind/data/tasks.py'})."),
+        parent=str(parent), numbers={k: v for k, v in summary.items() if k != "run" and v is not None},
+        config=dataclasses.asdict(cfg), plots=["loss.png"])
+    if final:
+        print0(f"reward done: held-out pairwise accuracy {summary['pairwise_acc_start']:.3f} -> "
+               f"{summary['pairwise_acc']:.3f} over {summary['heldout_pairs']} pairs, {out}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body(argv):
+        train_reward(parse_config(RewardConfig, argv, prog="glassmind reward", settings_file=SETTINGS,
+                                  renames={"parent": "--from"},
+                                  description="Train a reward model on ranked responses (Bradley-Terry)."))
+        return 0
+
+    return run_main(body, argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

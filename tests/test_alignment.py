@@ -1,0 +1,320 @@
+"""End to end: every alignment verb on a tiny model completes, and resumes after a SIGKILL to the same weights.
+
+The chain base -> sft -> reward -> (ppo, dpo, grpo, rank) runs once per module on a 1-layer, 32-wide decoder
+with a 400-token BPE. Each verb's test runs it uninterrupted (in this process), then again in a subprocess
+that the checkpoint writer's test hook SIGKILLs in the middle of writing a checkpoint, then resumes it with
+--resume (in this process): the final weights must equal the uninterrupted run's bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from glassmind.common import GlassmindError
+from glassmind.data import tasks as T
+from glassmind.model import ModelConfig, Transformer
+from glassmind.tokenizer.bpe import BPETokenizer
+from glassmind.train import checkpoint, dpo, grpo, ppo, rank, reward, rl, sft
+
+KILL = checkpoint.KILL_ENV
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The verbs run with --threads 1 here and in their subprocesses (same kernels, same bits); put the
+    test process's thread count and determinism flag back when the module is done. (Module scope and autouse:
+    it is set up before the module's run fixtures, which already call the verbs.)"""
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(det)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("align")
+
+
+@pytest.fixture(scope="module")
+def base(root):
+    texts = ([e.prompt + " " + e.answer for t in T.TASKS for e in T.pool(t)[:200]] + T.world_sentences()
+             + ["The answer is 7.", T._rambling("8")])
+    tok = BPETokenizer.train(texts, 400, progress=False)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, context_length=96, d_model=32, n_heads=2, n_layers=1))
+    out = root / "base"
+    model.save(out)
+    tok.save(out)
+    return out
+
+
+def args_sft(base, out):
+    return ["--from", str(base), "--out", str(out), "--steps", "4", "--batch-size", "4", "--n-examples", "40",
+            "--eval-every", "2", "--eval-per-task", "1", "--ckpt-every", "2", "--threads", "1", "--no-progress"]
+
+
+def args_reward(sft_run, out):
+    return ["--from", str(sft_run), "--out", str(out), "--steps", "4", "--batch-size", "2", "--n-prefs", "16",
+            "--eval-prefs", "6", "--eval-every", "2", "--ckpt-every", "2", "--threads", "1", "--no-progress"]
+
+
+def args_ppo(sft_run, rm_run, out, *extra):
+    return ["--policy", str(sft_run), "--reward", str(rm_run), "--out", str(out), "--steps", "3", "--rollouts", "4",
+            "--minibatch", "2", "--ppo-epochs", "2", "--max-new-tokens", "4", "--eval-per-task", "1",
+            "--final-eval-per-task", "1", "--ckpt-every", "1", "--threads", "1", "--no-progress", *extra]
+
+
+def args_dpo(sft_run, out):
+    return ["--policy", str(sft_run), "--out", str(out), "--steps", "4", "--batch-size", "4", "--n-prefs", "8",
+            "--eval-every", "2", "--eval-per-task", "1", "--final-eval-per-task", "1", "--ckpt-every", "2",
+            "--threads", "1", "--no-progress"]
+
+
+def args_grpo(sft_run, out, reward_arg="verifier"):
+    return ["--policy", str(sft_run), "--reward", str(reward_arg), "--out", str(out), "--steps", "3",
+            "--prompts-per-step", "2", "--group", "2", "--minibatch", "2", "--epochs", "2", "--max-new-tokens", "4",
+            "--eval-per-task", "1", "--final-eval-per-task", "1", "--ckpt-every", "1", "--threads", "1",
+            "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def sft_run(base, root):
+    out = root / "sft"
+    assert sft.main(args_sft(base, out)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def rm_run(sft_run, root):
+    out = root / "rm"
+    assert reward.main(args_reward(sft_run, out)) == 0
+    return out
+
+
+def killed(verb: str, argv: list[str], at: str) -> None:
+    """Run `glassmind VERB argv` in a subprocess that SIGKILLs itself at checkpoint point `at` (STEP:POINT)."""
+    env = dict(os.environ, **{KILL: at})
+    p = subprocess.run([sys.executable, "-m", "glassmind", verb, *argv], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+
+
+def same_weights(a: Path, b: Path, name: str = "model.safetensors") -> None:
+    x, y = load_file(str(a / name)), load_file(str(b / name))
+    assert x.keys() == y.keys()
+    for k in x:
+        assert torch.equal(x[k], y[k]), k
+
+
+def numbers(run: Path, keys: tuple[str, ...]) -> list[tuple]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [tuple(r.get(k) for k in ("step", *keys)) for r in rows if any(k in r for k in keys)]
+
+
+def run_files(run: Path) -> None:
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "card.md"):
+        assert (run / f).is_file(), f
+    assert checkpoint.latest(run / "train_state") is not None
+
+
+# ------------------------------------------------------------------------------------------------ sft
+
+
+def test_sft_completes_and_resumes_after_kill(sft_run, base, root):
+    run_files(sft_run)
+    tok = json.loads((sft_run / "tokenizer.json").read_text())
+    assert {"<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"} <= {t["content"] for t in tok["added_tokens"]}
+    killed("sft", args_sft(base, root / "sft-k"), "4:model")  # in the final checkpoint: step 2 is the latest
+    assert checkpoint.latest(root / "sft-k" / "train_state").name == "step_00000002"
+    assert sft.main(args_sft(base, root / "sft-k") + ["--resume"]) == 0
+    same_weights(sft_run, root / "sft-k")
+    assert numbers(sft_run, ("loss",)) == numbers(root / "sft-k", ("loss",))
+
+
+def test_sft_refuses_to_clobber_or_change_a_run(sft_run, base):
+    with pytest.raises(GlassmindError, match="already holds a run"):
+        sft.sft(sft.parse_config(sft.SFTConfig, args_sft(base, sft_run), prog="x", description="x",
+                                 settings_file=sft.SETTINGS, renames={"parent": "--from"}))
+    cfg = sft.parse_config(sft.SFTConfig, args_sft(base, sft_run) + ["--resume", "--lr", "0.5"], prog="x",
+                           description="x", settings_file=sft.SETTINGS, renames={"parent": "--from"})
+    with pytest.raises(GlassmindError, match="lr"):
+        sft.sft(cfg)
+    assert sft.main(["--out", str(sft_run) + "-none"]) == 2  # no --from: a clear error, exit code 2
+
+
+def test_sft_on_user_jsonl(base, root, tmp_path):
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": e.messages()}) + "\n" for e in T.train_examples(8, 0)))
+    out = root / "sft-user"
+    assert sft.main(["--from", str(base), "--out", str(out), "--data", str(data), "--steps", "2", "--batch-size",
+                     "2", "--eval-every", "0", "--eval-per-task", "1", "--threads", "1", "--no-progress"]) == 0
+    run_files(out)
+
+
+# ------------------------------------------------------------------------------------------------ reward
+
+
+def test_reward_completes_and_resumes_after_kill(rm_run, sft_run, root):
+    run_files(rm_run)
+    assert (rm_run / reward.HEAD_FILE).is_file()
+    rows = [json.loads(line) for line in (rm_run / "metrics.jsonl").read_text().splitlines()]
+    assert any("pairwise_acc" in r for r in rows)
+    rm = reward.load_reward_model(rm_run)
+    assert rm(torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long)).shape == (1,)
+    killed("reward", args_reward(sft_run, root / "rm-k"), "4:optimizer")
+    assert reward.main(args_reward(sft_run, root / "rm-k") + ["--resume"]) == 0
+    same_weights(rm_run, root / "rm-k")
+    same_weights(rm_run, root / "rm-k", reward.HEAD_FILE)
+
+
+def test_reward_model_trains_on_user_rankings_with_ties(sft_run, root, tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    lines = [{"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"},
+             {"prompt": "Name a color.", "responses": ["red", "blue", "car"], "ranking": [1, 1, 2]}] * 4
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = root / "rm-user"
+    assert reward.main(["--from", str(sft_run), "--out", str(out), "--data", str(data), "--val-fraction", "0",
+                        "--steps", "2", "--batch-size", "2", "--threads", "1", "--no-progress"]) == 0
+    assert (out / reward.HEAD_FILE).is_file()
+
+
+# ------------------------------------------------------------------------------------------------ ppo
+
+
+def test_first_ppo_step_policy_equals_reference(sft_run, rm_run):
+    """Before any update, the policy is the reference: every per-token KL is exactly 0, and the first
+    minibatch's log-probs (with gradient) equal the scored ones bit for bit: ratio exactly 1."""
+    torch.set_num_threads(1)
+    policy, tok, fmt = sft.load_chat_run(sft_run)
+    ref = ppo.frozen(copy.deepcopy(policy))
+    model = ppo.PolicyWithValue(policy, ppo.zero_value_head(policy.config.d_model))
+    cfg = ppo.PPOConfig(policy=str(sft_run), reward=str(rm_run), rollouts=4, minibatch=2, max_new_tokens=5)
+    messages, examples = ppo.step_prompts(cfg, 0, 4, None)
+    r = ppo.rollout(policy, fmt, messages, examples, max_new_tokens=5, temperature=1.0, seed=1)
+    order = ppo.minibatch_order(0, 0, 0, 4, 2)
+    old_logp, values, _, ref_logp = ppo.score_batch(model, ref, r, order)
+    kl = rl.kl_estimate(old_logp, ref_logp, "k1") * r.actions
+    assert torch.equal(kl, torch.zeros_like(kl))
+    assert torch.equal(rl.kl_estimate(old_logp, ref_logp, "k3"), torch.zeros_like(kl))
+    assert torch.equal(values, torch.zeros_like(values))  # the value head starts at zero
+    idx = order[0]
+    logp, _, _ = ppo.policy_forward(model, r.ids[idx], r.attn[idx])
+    assert logp.requires_grad
+    ratio = torch.exp(logp - old_logp[idx])
+    assert torch.equal(ratio[r.actions[idx].bool()], torch.ones(int(r.actions[idx].sum())))
+
+
+def test_ppo_completes_logs_everything_and_resumes_after_kill(sft_run, rm_run, root):
+    out = root / "ppo"
+    assert ppo.main(args_ppo(sft_run, rm_run, out)) == 0
+    run_files(out)
+    assert (out / ppo.VALUE_HEAD_FILE).is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for key in ("reward", "kl", "entropy", "clipfrac", "vf_loss", "approx_kl", "response_length", "heldout_acc",
+                "train_acc", "kl_coef"):
+        assert all(key in r for r in steps), key
+    assert steps[0]["kl"] == 0.0                          # step 1: policy == reference
+    assert all(r["ratio_first"] == 1.0 for r in steps)    # every step's first minibatch: ratio exactly 1
+    killed("ppo", args_ppo(sft_run, rm_run, root / "ppo-k"), "3:model")
+    assert checkpoint.latest(root / "ppo-k" / "train_state").name == "step_00000002"
+    assert ppo.main(args_ppo(sft_run, rm_run, root / "ppo-k") + ["--resume"]) == 0
+    same_weights(out, root / "ppo-k")
+    same_weights(out, root / "ppo-k", ppo.VALUE_HEAD_FILE)
+    keys = ("reward", "kl", "vf_loss", "heldout_acc")
+    assert numbers(out, keys) == numbers(root / "ppo-k", keys)
+
+
+def test_ppo_adaptive_kl_and_k3(sft_run, rm_run, root):
+    out = root / "ppo-adaptive"
+    assert ppo.main(args_ppo(sft_run, rm_run, out, "--kl-estimator", "k3", "--kl-target", "0.5", "--kl-horizon",
+                             "10") + ["--steps", "2"]) == 0
+    coefs = [r["kl_coef"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "kl_coef" in r]
+    assert coefs[0] == 0.05 and coefs[1] != 0.05  # adapted after step 1
+
+
+# ------------------------------------------------------------------------------------------------ dpo, grpo
+
+
+def test_dpo_completes_and_resumes_after_kill(sft_run, root):
+    out = root / "dpo"
+    assert dpo.main(args_dpo(sft_run, out)) == 0
+    run_files(out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if "margin" in r)
+    assert first["margin"] == 0.0  # step 1: the policy is the reference, every implicit reward is 0
+    killed("dpo", args_dpo(sft_run, root / "dpo-k"), "4:rng")
+    assert dpo.main(args_dpo(sft_run, root / "dpo-k") + ["--resume"]) == 0
+    same_weights(out, root / "dpo-k")
+
+
+def test_grpo_completes_and_resumes_after_kill(sft_run, rm_run, root):
+    out = root / "grpo"
+    assert grpo.main(args_grpo(sft_run, out)) == 0
+    run_files(out)
+    killed("grpo", args_grpo(sft_run, root / "grpo-k"), "3:state")
+    assert grpo.main(args_grpo(sft_run, root / "grpo-k") + ["--resume"]) == 0
+    same_weights(out, root / "grpo-k")
+    out_rm = root / "grpo-rm"
+    assert grpo.main(args_grpo(sft_run, out_rm, rm_run) + ["--steps", "1"]) == 0
+    assert grpo.main(args_grpo(sft_run, root / "grpo-bad", "verifier") + ["--prompts", "x.jsonl"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ rank
+
+
+def test_parse_ranking():
+    assert rank.parse_ranking("2 1 4 3", 4) == [2, 1, 4, 3]
+    assert rank.parse_ranking("2 1=4 3", 4) == [2, 1, 3, 2]
+    assert rank.parse_ranking("3>1>2", 3) == [2, 3, 1]
+    for bad in ("1 2", "1 1 2", "1 2 5", "a b c"):
+        with pytest.raises(ValueError):
+            rank.parse_ranking(bad, 3)
+
+
+def rank_args(sft_run, out):
+    return [str(sft_run), "--out", str(out), "--n", "3", "--k", "2", "--max-new-tokens", "3", "--threads", "1"]
+
+
+def test_rank_session_writes_rankings_reward_reads_and_resumes_after_kill(sft_run, root):
+    """Scripted on stdin: a typo is asked again, a ranking with a tie is recorded. Killed after the first
+    ranking is on disk, the session started again skips that prompt and produces the same file."""
+    answers = ["9 9\n", "2 1\n", "1=2\n", "1 2\n"]
+    whole = root / "rank-whole.jsonl"
+    feed = iter(answers)
+    out_text: list[str] = []
+    done = rank.rank_session(str(sft_run), rank.RankConfig(out=str(whole), n=3, k=2, max_new_tokens=3, threads=1),
+                             read=lambda: next(feed, None), write=out_text.append)
+    assert done["ranked"] == 3 and "try again" in "".join(out_text)
+    records = [json.loads(line) for line in whole.read_text().splitlines()]
+    assert [r["ranking"] for r in records] == [[2, 1], [1, 1], [1, 2]]
+    prefs = T.read_preferences_jsonl(whole)
+    assert [p.pairs() for p in prefs] == [[(1, 0)], [], [(0, 1)]]
+
+    part = root / "rank-killed.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "glassmind", "rank", *rank_args(sft_run, part)],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    proc.stdin.write("".join(answers[:2]))
+    proc.stdin.flush()
+    deadline = time.time() + 300
+    while not (part.exists() and part.read_text().count("\n") >= 1):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    feed = iter(answers[2:])
+    rank.rank_session(str(sft_run), rank.RankConfig(out=str(part), n=3, k=2, max_new_tokens=3, threads=1),
+                      read=lambda: next(feed, None), write=lambda s: None)
+    assert part.read_text() == whole.read_text()

@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from glassmind.common import GlassmindError, atomic_write_text, run_main
+from glassmind.common import atomic_write_text, run_main
 
 SAMPLES = [
     "def fibonacci(n):",
@@ -59,6 +59,37 @@ def stage_tokenizers(out: Path, max_bytes: int, vocab_size: int) -> dict:
     return summary
 
 
+def stage_pretrain(out: Path, budget: str) -> dict:
+    """A small decoder, encoder and encoder-decoder, each with its self-supervised objective."""
+    from glassmind.train.pretrain import demo_stage
+
+    results = demo_stage(out, out / "tokenizer-bpe", budget=budget)
+    print("\n| family | objective | parameters | tokens | val loss before | val loss after | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    objectives = {"decoder": "causal LM", "encoder": "masked LM", "encoder-decoder": "span corruption"}
+    for arch, r in results.items():
+        print(f"| {arch} | {objectives[arch]} | {r['parameters']:,} | {r['tokens']:,} | "
+              f"{r['val_loss_before']:.3f} | {r['val_loss_after']:.3f} | {r['seconds']:.0f} |")
+    print(f"\ndecoder sample (greedy): {results['decoder']['sample']!r}")
+    return results
+
+
+def stage_generate(out: Path) -> str:
+    """The demo decoder under each decoding strategy, with time to first token and inter-token latency."""
+    from glassmind.infer.cli import demo_stage
+
+    table = demo_stage(out / "pretrain-decoder", ["def __init__(self", "import ", "class "])
+    print(table)
+    return table
+
+
+def stage_align(out: Path, budget: str) -> dict:
+    """SFT, reward model, PPO and DPO from the demo decoder; prints the held-out accuracy table."""
+    from glassmind.train.align_demo import demo_stage
+
+    return demo_stage(out / "pretrain-decoder", out / "align", budget=budget)
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_main(_main, argv)
 
@@ -70,6 +101,8 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--corpus-mb", type=float, default=8.0,
                    help="MB of the built-in corpus the tokenizers train on (default 8)")
     p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary size (default 4096)")
+    p.add_argument("--budget", choices=("small", "tiny"), default="small",
+                   help="training budget: small (the demo, minutes) or tiny (seconds: a smoke test)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -79,8 +112,17 @@ def _main(argv: list[str] | None) -> int:
     banner("1. Tokenizers: byte-level BPE and WordPiece on the built-in corpus")
     summary["tokenizers"] = stage_tokenizers(out, int(args.corpus_mb * 1e6), args.vocab_size)
 
+    banner("2. Pre-training: decoder (causal LM), encoder (masked LM), encoder-decoder (span corruption)")
+    summary["pretrain"] = stage_pretrain(out, args.budget)
+
+    banner("3. Inference: prefill + KV cache decode under each strategy (metrics per request)")
+    summary["generate"] = stage_generate(out)
+
+    banner("4. Alignment: SFT -> reward model -> PPO and DPO on the built-in tasks (verifier accuracy)")
+    summary["align"] = stage_align(out, args.budget)
+
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     banner(f"done in {summary['seconds']:.0f} s. Results are in {out}/")
     for path in sorted(out.iterdir()):
         print(f"  {path}")

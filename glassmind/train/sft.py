@@ -142,9 +142,14 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], eos_id: int, *,
     from glassmind.infer import Engine, SamplingParams
 
     engine = Engine(model)
-    room = model.config.context_length - max(len(p) for p in prompts)
-    if room < 1:
-        raise GlassmindError(f"a prompt fills the model's context ({model.config.context_length}): shorten it")
+    context = model.config.context_length
+    keep = context - max(1, min(max_new_tokens, context // 4))  # leave room for a reply
+    too_long = sum(len(p) > keep for p in prompts)
+    if too_long:  # keep the end of the prompt (the question and the assistant tag); the reply is scored as usual
+        print(f"warning: {too_long} of {len(prompts)} prompts exceed the context ({context}) and keep only "
+              f"their last {keep} tokens", flush=True)
+        prompts = [list(p)[-keep:] for p in prompts]
+    room = context - max(len(p) for p in prompts)
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = [list(p) for p in prompts[start:start + batch_size]]

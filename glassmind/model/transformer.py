@@ -286,7 +286,7 @@ class MultiHeadAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                is_causal=is_causal and mask is None)
-        y = y.transpose(1, 2).reshape(B, T, C)                                        # (B, T, H*D)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D); -1: under tensor parallel H is the local heads
         return self.out_proj(y)
 
     def _explicit(self, q, k, v, mask, is_causal, dropout):

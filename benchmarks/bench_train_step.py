@@ -1,0 +1,138 @@
+"""Training-step throughput: the glassmind decoder against transformers' GPT2LMHeadModel, same configuration.
+
+One step = forward, cross-entropy, backward, AdamW update (fused, for both), zero_grad, on (batch 8, context 256) token ids,
+vocab 8192, 4 layers, 4 heads, d_model 256 (GPT-2's architecture: learned positions, pre-LayerNorm,
+tanh-GELU, tied embeddings, biases, no dropout). Both run in fp32 and under bf16 autocast, alternating
+step by step in one process so that load on the machine hits both alike. Prints medians, the ratio
+(HF time / ours: > 1 means ours is faster), and MFU against this machine's measured matmul rate of the same
+dtype (`glassmind.train.metrics.measure_matmul_flops`).
+
+    python benchmarks/bench_train_step.py [--steps 12] [--threads N] [--profile]
+
+`--profile` adds a torch.profiler table of the top ops for each model (bf16), to see what dominates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import torch.nn.functional as F
+
+from glassmind.model import ModelConfig, Transformer
+from glassmind.train.metrics import measure_matmul_flops
+
+VOCAB, LAYERS, HEADS, D_MODEL, CONTEXT, BATCH = 8192, 4, 4, 256, 256, 8
+
+
+def ours() -> torch.nn.Module:
+    cfg = ModelConfig(arch="decoder", vocab_size=VOCAB, context_length=CONTEXT, d_model=D_MODEL, n_heads=HEADS,
+                      n_layers=LAYERS, activation="gelu_tanh", norm="layernorm", norm_position="pre",
+                      positional="learned", tie_embeddings=True, bias=True, dropout=0.0)
+    return Transformer(cfg)
+
+
+def hf() -> torch.nn.Module:
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    transformers.logging.set_verbosity_error()
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=CONTEXT, n_embd=D_MODEL, n_layer=LAYERS, n_head=HEADS,
+                     activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg)
+
+
+def logits_of(model, x):
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def make_step(model, dtype):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)  # same for both
+
+    def step(x, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            logits = logits_of(model, x)                                         # (B, T, V)
+        loss = F.cross_entropy(logits.float().view(-1, VOCAB), y.view(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=12, help="timed steps per model and dtype")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, VOCAB, (BATCH, CONTEXT + 1), generator=g)
+    inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    tokens = BATCH * CONTEXT
+
+    cfg = ours().config
+    flops_per_token = cfg.flops_per_token(CONTEXT, training=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{cfg.num_params():,} parameters; {flops_per_token / 1e6:.1f} MFLOP per token (train)")
+
+    rows, ratios = [], []
+    for dtype in (torch.float32, torch.bfloat16):
+        peak = measure_matmul_flops(dtype, "cpu", n=1024, seconds=1.0)
+        models = {"glassmind": ours(), "hf_gpt2": hf()}
+        steps = {name: make_step(m, dtype) for name, m in models.items()}
+        times = {name: [] for name in models}
+        for i in range(args.warmup + args.steps):
+            order = list(models) if i % 2 == 0 else list(reversed(models))  # alternate who goes first
+            for name in order:
+                t0 = time.perf_counter()
+                steps[name](inputs, targets)
+                dt = time.perf_counter() - t0
+                if i >= args.warmup:
+                    times[name].append(dt)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        for name in models:
+            tps = tokens / med[name]
+            rows.append((str(dtype).replace("torch.", ""), name, med[name] * 1e3, tps,
+                         tps * flops_per_token / peak, peak))
+        ratio = med["hf_gpt2"] / med["glassmind"]
+        # each HF step over the ours step timed next to it: robust to load that drifts during the run
+        paired = statistics.median(h / o for h, o in zip(times["hf_gpt2"], times["glassmind"]))
+        ratios.append((str(dtype).replace("torch.", ""), ratio, paired))
+        print(f"{dtype}: glassmind {med['glassmind'] * 1e3:.1f} ms, hf {med['hf_gpt2'] * 1e3:.1f} ms, "
+              f"ratio of medians (hf/ours) {ratio:.3f}x, median paired ratio {paired:.3f}x, "
+              f"matmul peak {peak / 1e9:.1f} GFLOP/s")
+        if args.profile and dtype == torch.bfloat16:
+            from torch.profiler import ProfilerActivity, profile
+
+            for name in models:
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(3):
+                        steps[name](inputs, targets)
+                print(f"\n--- {name} ({dtype}), 3 steps ---")
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+
+    print("\n| dtype | model | median step (ms) | tokens/s | MFU | matmul peak (GFLOP/s) |")
+    print("|---|---|---|---|---|---|")
+    for dtype, name, ms, tps, mfu, peak in rows:
+        print(f"| {dtype} | {name} | {ms:.1f} | {tps:,.0f} | {mfu:.1%} | {peak / 1e9:.1f} |")
+    print("\n| dtype | HF time / ours (ratio of medians) | median paired ratio |")
+    print("|---|---|---|")
+    for dtype, ratio, paired in ratios:
+        print(f"| {dtype} | {ratio:.3f}x | {paired:.3f}x |")
+
+
+if __name__ == "__main__":
+    main()

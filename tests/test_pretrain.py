@@ -1,0 +1,454 @@
+"""Pre-training: schedule, optimizer groups, checkpoints, the golden loss curve, exact resume after SIGKILL
+(in training and inside the checkpoint writer), the NaN guard, config errors, and the demo stage.
+
+The tiny runs use a byte-level tokenizer (BPE with no merges: ids are bytes) and a generated corpus, so
+the golden losses depend on the model and the loop only, not on the tokenizer trainer or the Python
+version's standard library.
+"""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from glassmind.common import GlassmindError, read_jsonl
+from glassmind.tokenizer.bpe import BPETokenizer
+from glassmind.train import checkpoint, metrics
+from glassmind.train.optim import adamw, param_groups
+from glassmind.train.pretrain import PretrainConfig, demo_stage, main, pretrain
+from glassmind.train.schedule import lr_at
+
+GOLDEN = Path(__file__).parent / "golden" / "pretrain_losses.json"
+REPO = Path(__file__).resolve().parent.parent
+
+TINY = dict(arch="decoder", data=["data.jsonl"], tokenizer="tok", shards_dir="shards", d_model=32, n_heads=2,
+            n_layers=2, context=32, micro_batch=4, batch_tokens=256, steps=30, warmup_steps=4, eval_every=10,
+            eval_batches=2, ckpt_every=5, keep_last=2, peak_flops=1e10, val_fraction=0.1, progress=False,
+            threads=1, seed=7)
+
+
+def generated_corpus(n_docs=300):
+    """Deterministic text from a fixed linear congruential generator (no dependence on `random`)."""
+    words = ("the model reads every token and predicts the next one while a loss falls slowly as training "
+             "goes on def return class import self value for in if else print").split()
+    state, docs = 12345, []
+    for _ in range(n_docs):
+        state = (1103515245 * state + 12345) % 2**31
+        n = 10 + state % 40
+        doc = []
+        for _ in range(n):
+            state = (1103515245 * state + 12345) % 2**31
+            doc.append(words[state % len(words)])
+        docs.append(" ".join(doc) + ".")
+    return docs
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_globals():
+    """pretrain() sets threads and deterministic mode for its process; give the next test file them back."""
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    _restore(threads, det)
+
+
+def _restore(threads, det):
+    torch.set_num_threads(threads)
+    # the switch itself: torch.use_deterministic_algorithms would import torch._inductor (seconds) to set a flag
+    torch._C._set_deterministic_algorithms(det, warn_only=torch.is_deterministic_algorithms_warn_only_enabled())
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A workspace with data.jsonl and a byte-level tokenizer in tok/; tests run with it as cwd."""
+    root = tmp_path_factory.mktemp("pretrain")
+    (root / "data.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in generated_corpus()))
+    BPETokenizer([], special_tokens=["<|endoftext|>"]).save(root / "tok")
+    return root
+
+
+@pytest.fixture
+def in_ws(ws, monkeypatch):
+    monkeypatch.chdir(ws)
+    return ws
+
+
+def cfg(out, **kw):
+    return PretrainConfig(out=str(out), **{**TINY, **kw})
+
+
+def flags(out, **kw):
+    args = ["--out", str(out)]
+    for k, v in {**TINY, **kw}.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            args.append(flag if v else "--no-" + k.replace("_", "-"))
+        elif isinstance(v, list):
+            args += [flag, *v]
+        else:
+            args += [flag, str(v)]
+    return args
+
+
+def train_rows(run):
+    return [r for r in read_jsonl(Path(run) / "metrics.jsonl") if r.get("split") != "val"]
+
+
+def val_rows(run):
+    return [r for r in read_jsonl(Path(run) / "metrics.jsonl") if r.get("split") == "val"]
+
+
+@pytest.fixture(scope="module")
+def reference(ws):
+    """The uninterrupted tiny run (in this process): golden losses and the target of every resume."""
+    cwd = os.getcwd()
+    os.chdir(ws)
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        summary = pretrain(cfg("ref"))
+    finally:
+        os.chdir(cwd)
+        _restore(threads, det)
+    return ws / "ref", summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# nouns: schedule, optimizer, checkpoint, metrics
+
+
+def test_schedule_warmup_then_cosine_or_linear_to_the_floor():
+    kw = dict(max_lr=1.0, total_steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert [lr_at(s, **kw) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert lr_at(9, **kw) == pytest.approx(1.0) and lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(109, **kw) == pytest.approx(0.1) and lr_at(500, **kw) == pytest.approx(0.1)
+    mid = 10 + 99 / 2
+    assert lr_at(int(mid), **kw, decay="linear") == pytest.approx(1 - 0.9 * (int(mid) - 10) / 99)
+    assert lr_at(int(mid), **kw) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * (int(mid) - 10) / 99)))
+    cos = [lr_at(s, **kw) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(cos, cos[1:]))  # monotone decay
+    assert lr_at(50, **kw, decay="constant") == 1.0
+    with pytest.raises(GlassmindError):
+        lr_at(0, **kw, decay="step")
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.pos = nn.Embedding(6, 4)
+        self.lin = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight  # tied
+
+    def forward(self, x):
+        return self.head(self.norm(self.lin(self.emb(x) + self.pos.weight[: x.shape[1]])))
+
+
+def test_weight_decay_only_on_matrices_not_embeddings_unless_asked():
+    m = Tied()
+    decay, no_decay = param_groups(m, 0.1)
+    assert decay["params"] == [m.lin.weight]
+    assert {id(p) for p in no_decay["params"]} == {id(m.emb.weight), id(m.pos.weight), id(m.lin.bias),
+                                                   id(m.norm.weight), id(m.norm.bias)}
+    assert len(no_decay["params"]) == 5  # the tied matrix appears once
+    decay, _ = param_groups(m, 0.1, decay_embeddings=True)
+    assert {id(p) for p in decay["params"]} == {id(m.lin.weight), id(m.emb.weight), id(m.pos.weight)}
+    opt = adamw(m, lr=1e-3, weight_decay=0.1)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+def _train_a_bit(m, opt, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randint(0, 10, (2, 5), generator=g)
+        m(x).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_checkpoint_round_trip_restores_everything_bit_for_bit(tmp_path):
+    torch.manual_seed(0)
+    m = Tied()
+    opt = adamw(m, lr=1e-2)
+    _train_a_bit(m, opt, 3, 0)
+    random.seed(1)
+    path = checkpoint.save(tmp_path, 3, model=m, optimizer=opt, loader_state={"consumed": 12},
+                           extra={"note": "x"})
+    after = (random.random(), torch.rand(3), __import__("numpy").random.rand())
+    _train_a_bit(m, opt, 2, 1)
+    expected = {k: v.clone() for k, v in m.state_dict().items()}
+
+    m2 = Tied()
+    opt2 = adamw(m2, lr=1e-2)
+    restored = checkpoint.load(path, model=m2, optimizer=opt2)
+    assert restored == {"step": 3, "loader": {"consumed": 12}, "extra": {"note": "x"}}
+    again = (random.random(), torch.rand(3), __import__("numpy").random.rand())
+    assert again[0] == after[0] and torch.equal(again[1], after[1]) and again[2] == after[2]
+    assert m2.head.weight is m2.emb.weight  # tying survives loading
+    _train_a_bit(m2, opt2, 2, 1)
+    assert all(torch.equal(expected[k], v) for k, v in m2.state_dict().items())
+
+
+def test_keep_last_k_and_latest_ignores_incomplete_folders(tmp_path):
+    m = Tied()
+    opt = adamw(m, lr=1e-2)
+    for step in (1, 2, 3, 4):
+        checkpoint.save(tmp_path, step, model=m, optimizer=opt, keep_last=2)
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
+    # a half-written newer checkpoint: under a temp name, or (mid-prune) without its manifest
+    (tmp_path / ".tmp-step_00000005-123").mkdir()
+    (tmp_path / ".tmp-step_00000005-123" / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / "step_00000006").mkdir()
+    assert checkpoint.latest(tmp_path).name == "step_00000004"
+    # a truncated file makes a checkpoint incomplete too
+    victim = tmp_path / "step_00000004" / "optimizer.safetensors"
+    victim.write_bytes(victim.read_bytes()[:10])
+    assert checkpoint.latest(tmp_path).name == "step_00000003"
+    with pytest.raises(GlassmindError, match="not a complete checkpoint"):
+        checkpoint.load(tmp_path / "step_00000004", model=m)
+    checkpoint.save(tmp_path, 7, model=m, optimizer=opt, keep_last=2)  # cleans temp and orphan folders
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000007"]
+
+
+def test_mfu_and_matmul_rate():
+    assert metrics.mfu(1000.0, 6e6, 1e10) == pytest.approx(0.6)
+    rate = metrics.measure_matmul_flops(torch.float32, "cpu", n=128, seconds=0.05)
+    assert 1e7 < rate < 1e14
+
+
+# ----------------------------------------------------------------------------------------------------
+# the run: directory, golden losses, exact resume
+
+
+def test_run_directory_holds_what_design_md_lists(reference):
+    run, summary = reference
+    names = {p.name for p in run.iterdir()}
+    assert {"config.json", "pretrain.json", "model.safetensors", "tokenizer.json", "train_state", "metrics.jsonl",
+            "loss.png", "card.md"} <= names
+    assert [p.name for p in checkpoint.complete_checkpoints(run / "train_state")] == ["step_00000025",
+                                                                                      "step_00000030"]
+    rows = train_rows(run)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert set(rows[0]) >= {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
+    assert rows[-1]["tokens"] == 30 * 256
+    vals = val_rows(run)
+    assert [r["step"] for r in vals] == [0, 10, 20, 30]
+    v = vals[-1]
+    assert v["val_ppl"] == pytest.approx(math.exp(v["val_loss"]))
+    from glassmind import tokenizer
+    from glassmind.data.shards import build_shards
+
+    cwd = os.getcwd()
+    os.chdir(run.parent)
+    try:  # the same shards again (reused): bits per byte = nats per token / ln 2 / bytes per token
+        bpt = build_shards(tokenizer.load(run), ["data.jsonl"], root="shards", val_fraction=0.1,
+                           progress=False).bytes_per_token("val")
+    finally:
+        os.chdir(cwd)
+    assert 0.9 < bpt < 1  # byte tokens, plus one separator per document
+    assert v["val_bpb"] == pytest.approx(v["val_loss"] / math.log(2) / bpt)
+    assert summary["val_loss"] < summary["val_loss_start"] - 1.0  # it learns
+    card = (run / "card.md").read_text()
+    assert "decoder" in card and "val_loss" in card and "tokenizer from tok" in card
+    from glassmind.model import load
+
+    assert load(run).config.d_model == 32
+
+
+def test_golden_losses(reference):
+    """The first 20 losses of the tiny run, pinned. Set GLASSMIND_REGEN_GOLDEN=1 to rewrite the file after a
+    deliberate change to the model or the loop (and say why in the commit)."""
+    run, _ = reference
+    losses = [r["loss"] for r in train_rows(run)[:20]]
+    if os.environ.get("GLASSMIND_REGEN_GOLDEN"):
+        GOLDEN.write_text(json.dumps({"config": TINY, "torch": torch.__version__, "losses": losses}, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    assert golden["config"] == TINY
+    assert losses == pytest.approx(golden["losses"], rel=1e-6, abs=1e-6)
+
+
+def _run_cli(ws, out, env_extra=None, resume=False):
+    env = {k: v for k, v in os.environ.items() if k != checkpoint.KILL_ENV}
+    env.update(env_extra or {})
+    args = [sys.executable, "-m", "glassmind", "pretrain", *flags(out)] + (["--resume"] if resume else [])
+    return subprocess.Popen(args, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _assert_same_run(run, reference):
+    ref = reference
+    assert [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in train_rows(run)] == \
+           [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in train_rows(ref)]
+    assert [(r["step"], r["val_loss"]) for r in val_rows(run)] == [(r["step"], r["val_loss"]) for r in val_rows(ref)]
+    a, b = load_file(run / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    last = "train_state/step_00000030/optimizer.safetensors"
+    oa, ob = load_file(run / last), load_file(ref / last)
+    assert oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)
+
+
+def test_sigkill_mid_training_then_resume_is_bit_identical(ws, reference):
+    ref, _ = reference
+    out = ws / "killed"
+    proc = _run_cli(ws, out)
+    metrics_file = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics_file.exists() and len(train_rows(out)) >= 10:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = train_rows(out)[-1]["step"]
+    assert 10 <= killed_at < 30
+    done = _run_cli(ws, out, resume=True)
+    log = done.communicate(timeout=120)[0]
+    assert done.returncode == 0, log
+    assert "resumed from" in log
+    _assert_same_run(out, ref)
+
+
+def test_sigkill_inside_checkpoint_writes_then_resume_is_bit_identical(ws, reference):
+    ref, _ = reference
+    out = ws / "killed-in-ckpt"
+    # 1. killed with step 15's checkpoint written except its manifest: step 10 must be the one resumed
+    proc = _run_cli(ws, out, {checkpoint.KILL_ENV: "15:manifest"})
+    assert proc.wait(timeout=120) == -signal.SIGKILL
+    assert checkpoint.latest(out / "train_state").name == "step_00000010"
+    assert list((out / "train_state").glob(".tmp-step_00000015-*"))  # the half-written one is there, ignored
+    # 2. resumed, then killed again after step 25's rename but before old checkpoints are pruned
+    proc = _run_cli(ws, out, {checkpoint.KILL_ENV: "25:prune"}, resume=True)
+    assert proc.wait(timeout=120) == -signal.SIGKILL
+    assert [p.name for p in checkpoint.complete_checkpoints(out / "train_state")] == [
+        "step_00000015", "step_00000020", "step_00000025"]
+    # 3. resumed to the end
+    done = _run_cli(ws, out, resume=True)
+    log = done.communicate(timeout=120)[0]
+    assert done.returncode == 0, log
+    assert [p.name for p in checkpoint.complete_checkpoints(out / "train_state")] == ["step_00000025",
+                                                                                      "step_00000030"]
+    assert not list((out / "train_state").glob(".tmp-*"))
+    _assert_same_run(out, ref)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the NaN guard
+
+
+class NaNAt(nn.Module):
+    """Makes the logits of the n-th training forward NaN (a test instrument, wrapped from outside)."""
+
+    def __init__(self, inner, n):
+        super().__init__()
+        self.inner, self.n, self.calls = inner, n, 0
+
+    def forward(self, *args, **kw):
+        out = self.inner(*args, **kw)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.n:
+                out = out * float("nan")
+        return out
+
+
+def test_nan_stops_before_the_update_and_leaves_weights_untouched(in_ws):
+    holder = {}
+
+    def wrap(m):
+        holder["w"] = NaNAt(m, 9)  # 2 micro-batches per step: forward 9 is step 5's first
+        return holder["w"]
+
+    with pytest.raises(GlassmindError, match=r"step 5: .*not finite.*step_00000004"):
+        pretrain(cfg("nan", steps=8, ckpt_every=2), wrap_model=wrap)
+    assert checkpoint.latest(in_ws / "nan" / "train_state").name == "step_00000004"
+    saved = load_file(in_ws / "nan" / "train_state" / "step_00000004" / "model.safetensors")
+    live = holder["w"].inner.state_dict()
+    assert all(torch.equal(live[k], saved[k]) for k in saved)  # step 5 never touched the weights
+    rows = read_jsonl(in_ws / "nan" / "metrics.jsonl")
+    assert rows[-1]["event"] == "nonfinite" and rows[-1]["step"] == 5
+
+
+def test_skip_nonfinite_skips_the_step_and_goes_on(in_ws):
+    summary = pretrain(cfg("skip", steps=6, skip_nonfinite=True), wrap_model=lambda m: NaNAt(m, 9))
+    rows = train_rows(in_ws / "skip")
+    assert rows[4]["step"] == 5 and rows[4]["skipped"] and math.isnan(rows[4]["loss"])
+    assert math.isfinite(rows[5]["loss"]) and summary["steps"] == 6
+
+
+# ----------------------------------------------------------------------------------------------------
+# config errors, before training
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(batch_tokens=250), r"not divisible by micro_batch x context x world size .* use --batch-tokens 128 or 256"),
+    (dict(vocab_size=300), r"--vocab-size 300 does not match the tokenizer"),
+    (dict(dtype="fp16"), r"fp16 needs a CUDA GPU"),
+    (dict(arch="decoder", whole_word=True), r"--whole-word is a masked-LM option"),
+])
+def test_bad_config_is_a_clear_error_before_anything_is_written(in_ws, kw, message):
+    with pytest.raises(GlassmindError, match=message):
+        pretrain(cfg("bad", **kw))
+    assert not (in_ws / "bad").exists()
+
+
+def test_parent_run_context_and_vocab_are_checked(in_ws, reference):
+    ref, _ = reference
+    with pytest.raises(GlassmindError, match="longer than the parent model's context 32"):
+        pretrain(cfg("child", init_from=str(ref), context=64, batch_tokens=512, d_model=None, n_heads=None,
+                     n_layers=None))
+    tok = BPETokenizer([], special_tokens=["<|endoftext|>", "<|other|>"])
+    tok.save(in_ws / "tok2")
+    with pytest.raises(GlassmindError, match="257 token embeddings but the tokenizer has 258"):
+        pretrain(cfg("child", init_from=str(ref), tokenizer="tok2", d_model=None, n_heads=None, n_layers=None))
+    assert not (in_ws / "child").exists()
+
+
+def test_existing_run_is_never_overwritten_and_resume_must_keep_its_settings(in_ws, reference):
+    ref, _ = reference
+    with pytest.raises(GlassmindError, match="already holds a run: pass --resume"):
+        pretrain(cfg(ref))
+    with pytest.raises(GlassmindError, match="lr: run has None, you gave 0.01"):
+        pretrain(cfg(ref, resume=True, lr=0.01))
+    with pytest.raises(GlassmindError, match="no run to resume"):
+        pretrain(cfg("nothing-here", resume=True))
+
+
+def test_cli_reports_errors_without_a_traceback(in_ws, capsys):
+    assert main(flags("cli-bad", batch_tokens=100)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("glassmind: error: --batch-tokens 100 is not divisible") and "Traceback" not in err
+
+
+def test_bf16_autocast_runs_on_cpu(in_ws, reference):
+    ref, _ = reference
+    pretrain(cfg("bf16", steps=3, dtype="bf16", ckpt_every=0))
+    got = [r["loss"] for r in train_rows(in_ws / "bf16")]
+    want = [r["loss"] for r in train_rows(ref)[:3]]
+    assert all(math.isfinite(x) for x in got)
+    assert got[0] != want[0] and abs(got[0] - want[0]) < 0.05  # bf16 matmuls, same model and data
+
+
+def test_encoder_and_encoder_decoder_objectives_train(in_ws):
+    for arch in ("encoder", "encoder-decoder"):
+        s = pretrain(cfg(f"arch-{arch}", arch=arch, steps=12, eval_every=0, ckpt_every=0, lr=3e-3))
+        assert s["val_loss"] < s["val_loss_start"], arch
+    assert "<|mask|>" in json.loads((in_ws / "arch-encoder" / "tokenizer.json").read_text())["added_tokens"][-1][
+        "content"]
+
+
+def test_demo_stage_tiny(tmp_path, monkeypatch, ws):
+    monkeypatch.setenv("GLASSMIND_CACHE", str(tmp_path / "cache"))
+    result = demo_stage(tmp_path / "demo", ws / "tok", budget="tiny")
+    assert set(result) == {"decoder", "encoder", "encoder-decoder"}
+    for arch, r in result.items():
+        assert r["val_loss_after"] < r["val_loss_before"], arch
+    assert isinstance(result["decoder"]["sample"], str) and result["decoder"]["sample"].startswith("def ")

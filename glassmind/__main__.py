@@ -13,6 +13,17 @@ import sys
 VERBS: dict[str, tuple[str, str]] = {
     "demo": ("glassmind.demo", "run every lifecycle stage on built-in data into runs/demo/"),
     "tokenizer": ("glassmind.tokenizer.cli", "train a BPE or WordPiece tokenizer; encode text with one"),
+    "convert": ("glassmind.model.convert", "move weights between a run directory and a Hugging Face model directory"),
+    "pretrain": ("glassmind.train.pretrain", "pre-train a decoder, encoder or encoder-decoder; resumes exactly"),
+    "plan": ("glassmind.parallel.plan", "memory and communication per device of each parallel layout"),
+    "generate": ("glassmind.infer.cli", "generate text from a run (greedy, beam, sampling; --stream, --stats)"),
+    "chat": ("glassmind.infer.chat", "talk to a run's model: keeps the conversation, streams replies"),
+    "sft": ("glassmind.train.sft", "instruction-tune a run (chat format, loss on assistant tokens only)"),
+    "rank": ("glassmind.train.rank", "rank a run's sampled replies in the terminal -> preference JSONL"),
+    "reward": ("glassmind.train.reward", "train a reward model on ranked replies (Bradley-Terry)"),
+    "ppo": ("glassmind.train.ppo", "RLHF with PPO against a reward model, KL penalty to the SFT run"),
+    "dpo": ("glassmind.train.dpo", "direct preference optimisation of an SFT run"),
+    "grpo": ("glassmind.train.grpo", "group-relative policy optimisation (reward model or verifier)"),
 }
 
 

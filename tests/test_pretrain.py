@@ -452,3 +452,25 @@ def test_demo_stage_tiny(tmp_path, monkeypatch, ws):
     for arch, r in result.items():
         assert r["val_loss_after"] < r["val_loss_before"], arch
     assert isinstance(result["decoder"]["sample"], str) and result["decoder"]["sample"].startswith("def ")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the loop under torchrun: --parallel lays the same run over processes
+
+
+@pytest.mark.parametrize("layout", ["fsdp=2", "tp=2"])
+def test_pretrain_under_torchrun_matches_one_process(ws, reference, layout):
+    """`torchrun --nproc_per_node=2 -m glassmind pretrain --parallel LAYOUT` on the same global batch gives
+    the single process's losses (1e-5), and its run directory loads for single-process inference."""
+    from glassmind.model import load
+    from glassmind.parallel.launch import torchrun
+
+    out = f"par-{layout.replace('=', '')}"
+    res = torchrun(["-m", "glassmind", "pretrain", *flags(out, parallel=layout)], nproc=2,
+                   timeout=240, cwd=str(ws))
+    assert res.ok, res.output[-3000:]
+    ours, ref = train_rows(ws / out), train_rows(reference[0])
+    assert [r["step"] for r in ours] == [r["step"] for r in ref]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ours, ref)) < 1e-5
+    model = load(ws / out)
+    assert torch.isfinite(model(torch.zeros(1, 8, dtype=torch.long))).all()

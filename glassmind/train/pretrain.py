@@ -18,14 +18,15 @@ Exact resume. A batch is a function of its index (the loader), masks are a funct
 the checkpoint holds weights, optimizer moments and every RNG state bit for bit. So a run killed at any
 instant and resumed computes, on CPU in fp32 with deterministic algorithms, the very same losses.
 
-Distributed. Every part is rank-aware (loaders take their rank's micro-batches, metrics are averaged over
-ranks, only rank 0 writes); DDP/FSDP are applied from outside through the one `wrap_model` hook below.
+Distributed. `--parallel` lays the run out over torchrun's processes (data, ZeRO/FSDP, tensor and pipeline
+parallelism; glassmind/parallel applies them from outside). Loaders take their data-parallel replica's
+micro-batches, metrics are averaged over replicas, checkpoints are gathered and written by rank 0 in the
+one-process format, so a run resumes under any layout.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -98,6 +99,9 @@ class PretrainConfig:
     positional: str = _f("learned", "positional encoding", choices=("learned", "sinusoidal", "rope", "none"))
     dropout: float = _f(0.0, "dropout probability")
     context: int = _f(256, "tokens per sequence (encoder input length for encoder-decoder)")
+    parallel: str = _f("", "layout over the torchrun processes: dp=N, zero=1|2|3, fsdp=N, tp=N, pp=N, "
+                           "schedule=gpipe|1f1b, microbatches=M, e.g. dp=2,tp=2 (empty: data parallel over all; "
+                           "`glassmind plan` compares layouts)")
     # optimisation
     steps: int = _f(1000, "optimizer steps")
     batch_tokens: int = _f(16384, "tokens per optimizer step over all ranks; divisible by "
@@ -140,7 +144,7 @@ class PretrainConfig:
 # fields a resumed run may change: they do not alter what is computed
 RESUME_MAY_CHANGE = {"resume", "device", "compile", "threads", "eval_every", "eval_batches", "log_every",
                      "ckpt_every", "keep_last", "skip_nonfinite", "peak_flops", "progress", "shards_dir",
-                     "steps"}
+                     "steps", "parallel"}  # checkpoints are layout-free
 
 
 def default_lr(d_model: int) -> float:
@@ -166,18 +170,27 @@ def check_config(cfg: PretrainConfig) -> None:
     for name in ("steps", "micro_batch", "context", "batch_tokens", "depth"):
         if getattr(cfg, name) <= 0:
             raise GlassmindError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    per_pass = cfg.micro_batch * cfg.context * world_size()
+    dp = data_parallel_size(cfg)
+    per_pass = cfg.micro_batch * cfg.context * dp
     if cfg.batch_tokens % per_pass:
         lo = max(per_pass, cfg.batch_tokens // per_pass * per_pass)
         raise GlassmindError(
             f"--batch-tokens {cfg.batch_tokens} is not divisible by micro_batch x context x world size = "
-            f"{cfg.micro_batch} x {cfg.context} x {world_size()} = {per_pass}: use --batch-tokens {lo} or "
+            f"{cfg.micro_batch} x {cfg.context} x {dp} (data-parallel replicas) = {per_pass}: use "
+            f"--batch-tokens {lo} or "
             f"{lo + per_pass}, or change --micro-batch/--context")
     if cfg.init_from and any(v is not None for v in (cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.d_ff)):
         raise GlassmindError("--init-from takes the model's sizes from the parent run: drop --d-model, "
                              "--n-heads, --n-layers and --d-ff")
     if cfg.whole_word and cfg.arch != "encoder":
         raise GlassmindError("--whole-word is a masked-LM option: use it with --arch encoder")
+
+
+def data_parallel_size(cfg: PretrainConfig) -> int:
+    """Replicas that read different data: the world size divided by the tensor and pipeline degrees."""
+    from glassmind.parallel.mesh import parse_spec  # parallelism is applied from outside; imported on use
+
+    return parse_spec(cfg.parallel, mp=cfg.dtype).dp
 
 
 # ======================================================================================================
@@ -321,16 +334,17 @@ def window_of(cfg: PretrainConfig) -> tuple[int, int]:
     return raw, raw
 
 
-def make_loaders(cfg: PretrainConfig, shards: Shards) -> tuple[WindowLoader, WindowLoader]:
+def make_loaders(cfg: PretrainConfig, shards: Shards, *, rank: int = 0,
+                 world: int = 1) -> tuple[WindowLoader, WindowLoader]:
     window, stride = window_of(cfg)
     if shards.tokens("val") < window:
         raise GlassmindError(f"the validation split has {shards.tokens('val')} tokens, fewer than one window of "
                              f"{window}: raise --val-fraction or give more data")
     train = WindowLoader(shards.split("train"), window=window, stride=stride, batch_size=cfg.micro_batch,
-                         seed=cfg.seed, shuffle=True)
+                         seed=cfg.seed, shuffle=True, rank=rank, world_size=world)
     val_batch = min(cfg.micro_batch, (shards.tokens("val") - window) // stride + 1)
     val = WindowLoader(shards.split("val"), window=window, stride=stride, batch_size=val_batch, seed=cfg.seed,
-                       shuffle=False)
+                       shuffle=False, rank=rank, world_size=world)
     return train, val
 
 
@@ -412,7 +426,7 @@ def objective_ids(cfg: PretrainConfig, tok) -> dict:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: WindowLoader, *, n_batches: int, cfg: PretrainConfig, tok_ids: dict,
-             device: torch.device, autocast: Any) -> float:
+             device: torch.device, autocast: Any, pm: Any = None) -> float:
     """Mean validation loss over the first `n_batches` validation micro-batches, split over ranks.
 
     Masks and spans use a fixed generator per batch (stream 1), so every evaluation sees the same problems
@@ -421,11 +435,18 @@ def evaluate(model: nn.Module, loader: WindowLoader, *, n_batches: int, cfg: Pre
     model.eval()
     n_batches = max(1, min(n_batches, loader.batches_per_epoch))
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for g in range(rank(), n_batches, world_size()):
-        with autocast():
-            loss = forward_loss(model, cfg.arch, loader.batch(g), tok_ids=tok_ids,
-                                generator=batch_generator(cfg.seed, g, 1), cfg=cfg, device=device)
-        total += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
+    first, every = (pm.dp_rank, pm.dp_size) if pm is not None else (rank(), world_size())
+    for g in range(first, n_batches, every):
+        weight = 1.0
+        if pm is not None and pm.schedule is not None:  # a pipeline: only the last stage has the loss
+            inputs, targets = objectives.causal_lm(loader.batch(g))
+            loss = pm.eval_loss(inputs, targets)
+            weight = float(pm.pp_rank == pm.pp_size - 1)
+        else:
+            with autocast():
+                loss = forward_loss(model, cfg.arch, loader.batch(g), tok_ids=tok_ids,
+                                    generator=batch_generator(cfg.seed, g, 1), cfg=cfg, device=device)
+        total += torch.tensor([float(loss) * weight, weight], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
     model.train(was_training)
@@ -450,9 +471,15 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
     `wrap_model` is the single place the model gets wrapped from outside (DDP, FSDP, test instruments): the
     loop runs forward/backward through the wrapper and saves, clips and optimizes the unwrapped module.
     """
+    from glassmind.parallel import apply_parallel, checkpoint as pckpt
+    from glassmind.parallel.mesh import init_distributed, mesh_coordinate, parse_spec
+
     t_start = time.perf_counter()
     # -- 2. setup ------------------------------------------------------------------------------------------
     check_config(cfg)
+    spec = parse_spec(cfg.parallel, mp=cfg.dtype)
+    mesh = init_distributed(spec, pick_device(cfg.device).type)  # joins torchrun's group; None: one process
+    dp_rank, dp_size = mesh_coordinate(mesh, "dp")
     device, dtype = setup_device(cfg)
     out = prepare_run_dir(cfg)
 
@@ -464,13 +491,13 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
     # -- 4. data -------------------------------------------------------------------------------------------
     shards = build_shards(tok, cfg.data, root=cfg.shards_dir, val_fraction=cfg.val_fraction,
                           max_bytes=cfg.max_bytes, progress=cfg.progress and is_rank0())
-    train_loader, val_loader = make_loaders(cfg, shards)
+    train_loader, val_loader = make_loaders(cfg, shards, rank=dp_rank, world=dp_size)
     start_run_dir(cfg, out, tok)  # every check passed: only now does the run directory get written
     bytes_per_token = shards.bytes_per_token("val")
-    accum = cfg.batch_tokens // (cfg.micro_batch * cfg.context * world_size())
+    accum = cfg.batch_tokens // (cfg.micro_batch * cfg.context * dp_size)
     print0(f"data: {shards.tokens('train'):,} train / {shards.tokens('val'):,} val tokens ({shards.path}); "
-           f"{cfg.batch_tokens:,} tokens per step = {cfg.micro_batch} x {cfg.context} x {world_size()} rank(s) "
-           f"x {accum} accumulation step(s)")
+           f"{cfg.batch_tokens:,} tokens per step = {cfg.micro_batch} x {cfg.context} x {dp_size} replica(s) "
+           f"x {accum} accumulation step(s); layout {spec}")
 
     # -- 5. model ------------------------------------------------------------------------------------------
     from glassmind.model import Transformer, load as load_model
@@ -478,19 +505,21 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
     seed_everything(cfg.seed)  # here, after the tokenizer: init is the same whether or not one was trained
     raw_model = load_model(cfg.init_from) if cfg.init_from else Transformer(mcfg)
     raw_model.to(device)
-    model = wrap_model(raw_model)   # DDP / FSDP / instruments: the one place the model is wrapped
+    n_params = raw_model.num_params()
+    pm = apply_parallel(raw_model, spec, mesh)  # DDP / ZeRO / FSDP / TP / PP, from outside (1 process: as is)
+    model = wrap_model(pm.module)   # instruments: the one place the model is wrapped
     if cfg.compile:
         model = torch.compile(model)
     flops_per_token = mcfg.flops_per_token(cfg.context, training=True)
-    print0(f"model: {cfg.arch}, {raw_model.num_params():,} parameters, d_model {mcfg.d_model}, "
+    print0(f"model: {cfg.arch}, {n_params:,} parameters, d_model {mcfg.d_model}, "
            f"{mcfg.n_heads} heads, {mcfg.n_layers} layers, context {mcfg.context_length}")
 
     # -- 6. optimizer, schedule, scaler --------------------------------------------------------------------
     max_lr = cfg.lr if cfg.lr is not None else default_lr(mcfg.d_model)  # mcfg: a parent run's width counts
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * cfg.steps))
-    optimizer = adamw(raw_model, lr=max_lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
-                      decay_embeddings=cfg.decay_embeddings)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    optimizer = pm.wrap_optimizer(adamw(pm.module, lr=max_lr, weight_decay=cfg.weight_decay,
+                                        betas=(cfg.beta1, cfg.beta2), decay_embeddings=cfg.decay_embeddings))
+    scaler = pm.grad_scaler(enabled=dtype == torch.float16)  # sharded layouts skip an inf step on all ranks
 
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -503,7 +532,7 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
     step = 0
     latest = checkpoint.latest(ckpt_root) if cfg.resume else None
     if latest is not None:
-        restored = checkpoint.load(latest, model=raw_model, optimizer=optimizer, scaler=scaler)
+        restored = pckpt.load_checkpoint(pm, latest, optimizer=optimizer, scaler=scaler)
         step = restored["step"]
         train_loader.load_state_dict(restored["loader"])
         print0(f"resumed from {latest} (step {step})")
@@ -514,18 +543,15 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
     last_ckpt: Path | None = latest
 
     def save_checkpoint() -> Path | None:
-        path = None
-        if is_rank0():
-            path = checkpoint.save(ckpt_root, step, model=raw_model, optimizer=optimizer, scaler=scaler,
-                                   loader_state=train_loader.state_dict(), keep_last=cfg.keep_last)
-            raw_model.save(out)  # the run directory always holds the latest weights, ready to load
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+        # every rank gathers its pieces; rank 0 writes, in the one-process format
+        path = pckpt.save_checkpoint(pm, ckpt_root, step, optimizer=optimizer, scaler=scaler,
+                                     loader_state=train_loader.state_dict(), keep_last=cfg.keep_last)
+        pckpt.save_model(pm, out)  # the run directory always holds the latest weights, ready to load
         return path
 
     def run_eval() -> dict:
         loss = evaluate(model, val_loader, n_batches=cfg.eval_batches, cfg=cfg, tok_ids=tok_ids, device=device,
-                        autocast=autocast)
+                        autocast=autocast, pm=pm)
         row = {"step": step, "tokens": step * cfg.batch_tokens, "split": "val", **val_metrics(loss, bytes_per_token)}
         log.log(row)
         metrics.plot_loss(log.rows(), out / "loss.png", title=f"{out.name}: {cfg.arch} pre-training")
@@ -540,8 +566,7 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
 
     bar = tqdm(total=cfg.steps, initial=step, unit="step", disable=not (cfg.progress and is_rank0()),
                dynamic_ncols=True)
-    raw_model.train()
-    params = [p for p in raw_model.parameters() if p.requires_grad]
+    pm.module.train()
     speeds: list[float] = []
     last_loss = float("nan")
     while step < cfg.steps:
@@ -551,25 +576,27 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # forward/backward over `accum` micro-batches; DDP all-reduces only on the last one (no_sync)
+        # forward/backward over `accum` micro-batches; gradients are reduced over the data-parallel
+        # replicas only on the last one
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
             g, window = train_loader.next()
-            sync = contextlib.nullcontext() if micro == accum - 1 or not hasattr(model, "no_sync") \
-                else model.no_sync()
-            with sync:
-                with autocast():
-                    loss = forward_loss(model, cfg.arch, window, tok_ids=tok_ids,
-                                        generator=batch_generator(cfg.seed, g), cfg=cfg, device=device)
-                scaler.scale(loss / accum).backward()
+            last = micro == accum - 1
+            if pm.schedule is not None:  # a pipeline: its schedule runs forward and backward
+                inputs, targets = objectives.causal_lm(window)
+                loss = pm.forward_backward(inputs, targets, loss_scale=1 / accum, sync=last)
+            else:
+                with pm.grad_sync(last):
+                    with autocast():
+                        loss = forward_loss(model, cfg.arch, window, tok_ids=tok_ids,
+                                            generator=batch_generator(cfg.seed, g), cfg=cfg, device=device)
+                    scaler.scale(loss / accum).backward()
             loss_sum += loss.detach()
-        mean_loss = loss_sum / accum
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
+        mean_loss = torch.tensor(pm.global_loss(loss_sum / accum))
 
         # the NaN/inf guard: before the optimizer touches the weights
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = pm.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         loss_value, norm_value = float(mean_loss), float(grad_norm)
         # under fp16 an inf gradient is the loss scaler's business (it skips the step and lowers the scale)
         bad = not math.isfinite(loss_value) or (not math.isfinite(norm_value) and not scaler.is_enabled())
@@ -624,7 +651,7 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
     train_rows = [r for r in log.rows() if "loss" in r and r.get("split") != "val" and "event" not in r]
     median_speed = float(np.median(speeds)) if speeds else float("nan")
     summary = {
-        "run": str(out), "arch": cfg.arch, "parameters": raw_model.num_params(), "steps": step,
+        "run": str(out), "arch": cfg.arch, "parameters": n_params, "steps": step,
         "tokens": step * cfg.batch_tokens,
         "train_loss": train_rows[-1]["loss"] if train_rows else last_loss,
         "val_loss_start": first_val["val_loss"], "val_loss": final_val["val_loss"],
@@ -636,7 +663,7 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
                  "encoder-decoder": "span corruption (T5, sentinels)"}[cfg.arch]
     metrics.write_card(
         out, title=f"{out.name}: pre-trained {cfg.arch}",
-        what=(f"Pre-trained a {raw_model.num_params():,}-parameter {cfg.arch} with {objective} for {step} steps "
+        what=(f"Pre-trained a {n_params:,}-parameter {cfg.arch} with {objective} for {step} steps "
               f"({step * cfg.batch_tokens:,} tokens) on {', '.join(cfg.data) if cfg.data else 'the built-in corpus'}"
               f", {cfg.dtype} on {device.type}."),
         parent=cfg.init_from or (f"tokenizer from {cfg.tokenizer}" if cfg.tokenizer else None),
@@ -757,7 +784,14 @@ def _main(argv: list[str] | None) -> int:
         if saved_path.exists():  # the run's own settings are the defaults; flags given still win
             parser.set_defaults(**json.loads(saved_path.read_text(encoding="utf-8")))
             ns = parser.parse_args(argv)
-    pretrain(config_from_args(PretrainConfig, ns))
+    from glassmind.parallel.mesh import close_distributed
+
+    ok = False
+    try:
+        pretrain(config_from_args(PretrainConfig, ns))
+        ok = True
+    finally:
+        close_distributed(ok=ok)  # a barrier, then leave torchrun's group (no-op for one process)
     return 0
 
 

@@ -731,7 +731,13 @@ def demo_stage(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, 
     for arch, name, kw in (("decoder", "pretrain-decoder", dec_kw), ("encoder", "pretrain-encoder", small_kw),
                            ("encoder-decoder", "pretrain-encoder-decoder", small_kw)):
         run = out_dir / name
-        kw = {"data": [os.path.join(sysconfig.get_paths()["stdlib"], "*.py")], **kw}
+        data = [os.path.join(sysconfig.get_paths()["stdlib"], "*.py")]
+        if arch == "decoder":  # the base model of the alignment stage: it must have read the fictional
+            # world that the built-in tasks ask about (~10% of its data), or those questions are guesses
+            from glassmind.data.tasks import write_world_corpus
+
+            data.append(str(write_world_corpus(out_dir / "world.txt", repeats=80)))
+        kw = {"data": data, **kw}
         cfg = PretrainConfig(out=str(run), arch=arch, tokenizer=str(tokenizer_dir), ckpt_every=0, keep_last=1,
                              resume=(run / CONFIG_FILE).exists(), **kw)
         summary = pretrain(cfg)

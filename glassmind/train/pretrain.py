@@ -699,12 +699,13 @@ def greedy_sample(model: nn.Module, tok, prompt: str = "", *, max_new_tokens: in
 
 
 DEMO_BUDGETS = {
-    # name: (decoder settings, encoder and encoder-decoder settings). "small" is the demo's: ~490k tokens for
-    # the decoder (about 3 minutes at the ~2.5-3k tokens/s a 2-core CPU gives this size under bf16
-    # autocast), ~120k for each of the others. Small batches and a high lr: more updates from few tokens.
-    "small": (dict(depth=2, context=128, micro_batch=16, batch_tokens=2048, steps=240, eval_every=60, lr=4e-3,
+    # name: (decoder settings, encoder and encoder-decoder settings). "small" is the demo's: ~2.5M tokens for
+    # the decoder (2-3 minutes at the ~18k tokens/s an idle 2-core CPU gives this size under bf16 autocast;
+    # far slower on a loaded machine), ~300k for each of the others. Small batches and a high lr: more
+    # updates from few tokens.
+    "small": (dict(depth=2, context=128, micro_batch=16, batch_tokens=2048, steps=1200, eval_every=200, lr=4e-3,
                    val_fraction=0.02, dtype="bf16"),
-              dict(depth=2, context=64, micro_batch=16, batch_tokens=1024, steps=120, eval_every=40, lr=4e-3,
+              dict(depth=2, context=64, micro_batch=16, batch_tokens=1024, steps=300, eval_every=100, lr=4e-3,
                    val_fraction=0.05, dtype="bf16")),
     "tiny": (dict(depth=1, context=32, micro_batch=4, batch_tokens=256, steps=6, eval_every=3,
                   max_bytes=300_000, val_fraction=0.25, eval_batches=2, threads=1, progress=False),

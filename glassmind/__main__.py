@@ -1,7 +1,7 @@
 """`glassmind <verb> [args]`: one table maps each verb to the module whose `main(argv)` runs it.
 
 Modules are imported only when their verb is called, so `glassmind --help` is instant and a verb's
-heavy dependencies (transformers, fastapi) are needed only by the verbs that use them.
+heavy dependencies (transformers) are needed only by the verbs that use them.
 """
 
 from __future__ import annotations

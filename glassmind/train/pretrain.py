@@ -223,22 +223,7 @@ def setup_device(cfg: PretrainConfig) -> tuple[torch.device, torch.dtype]:
 def prepare_run_dir(cfg: PretrainConfig) -> Path:
     """A fresh run, or the same run resumed: never silently overwrite another run's files. Checks only;
     nothing is written until `start_run_dir`."""
-    out = Path(cfg.out)
-    saved_path = out / CONFIG_FILE
-    if cfg.resume:
-        if not saved_path.exists():
-            raise GlassmindError(f"--resume: {out} holds no {CONFIG_FILE}, so there is no run to resume; "
-                                 "drop --resume to start one")
-        saved = json.loads(saved_path.read_text(encoding="utf-8"))
-        diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
-                if k not in RESUME_MAY_CHANGE and saved.get(k) != v}
-        if diff:
-            pretty = ", ".join(f"{k}: run has {a!r}, you gave {b!r}" for k, (a, b) in diff.items())
-            raise GlassmindError(f"--resume with settings that change the run ({pretty}); resume with the "
-                                 "run's own settings (just --out and --resume) or start a new run")
-    elif saved_path.exists() or (out / "train_state").exists():
-        raise GlassmindError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    return out
+    return checkpoint.check_run_dir(cfg, CONFIG_FILE, RESUME_MAY_CHANGE)
 
 
 def start_run_dir(cfg: PretrainConfig, out: Path, tok) -> None:

@@ -74,21 +74,8 @@ RESUME_MAY_CHANGE = frozenset({"resume", "threads", "ckpt_every", "keep_last", "
 
 def prepare_out(cfg: Any, settings_file: str, may_change: frozenset = RESUME_MAY_CHANGE) -> Path:
     """A fresh run directory, or the same run resumed with the same settings: never clobber another run."""
-    out = Path(cfg.out)
+    out = checkpoint.check_run_dir(cfg, settings_file, may_change)
     saved_path = out / settings_file
-    if cfg.resume:
-        if not saved_path.exists():
-            raise GlassmindError(f"--resume: {out} holds no {settings_file}, so there is no run to resume; drop "
-                                 "--resume to start one")
-        saved = json.loads(saved_path.read_text(encoding="utf-8"))
-        diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
-                if k not in may_change and saved.get(k) != v}
-        if diff:
-            pretty = ", ".join(f"{k}: run has {a!r}, you gave {b!r}" for k, (a, b) in diff.items())
-            raise GlassmindError(f"--resume with settings that change the run ({pretty}); resume with just "
-                                 "--out and --resume, or start a new run")
-    elif saved_path.exists() or (out / "train_state").exists():
-        raise GlassmindError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(saved_path, dataclasses.asdict(cfg))
     return out

@@ -229,10 +229,14 @@ class ParallelModel:
             return ShardedGradScaler(self.device.type, enabled=enabled)
         return torch.amp.GradScaler(self.device.type, enabled=enabled)
 
-    def _autocast(self):
+    def autocast(self):
+        """The compute-dtype context of `mp=` for a loop that runs pm.module itself (under FSDP the
+        MixedPrecisionPolicy casts instead, and this is a no-op)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    _autocast = autocast
 
     def global_loss(self, loss: torch.Tensor) -> float:
         """The mean loss over the global batch, the same number on every rank (one all-reduce).
@@ -245,6 +249,18 @@ class ParallelModel:
         share = loss.detach().float().reshape(()) * (1.0 / (self.dp_size * self.tp_size) if last else 0.0)
         dist.all_reduce(share)
         return float(share)
+
+    def global_sum(self, values) -> torch.Tensor:
+        """Per-replica numbers (a scalar or a vector, e.g. a loss sum and its count) summed over the
+        data-parallel replicas, the same on every rank, in float64 (one all-reduce). Counting follows
+        global_loss: tensor-parallel copies count once, only a pipeline's last stage counts."""
+        values = torch.as_tensor(values).detach().to(self.device, torch.float64).clone()
+        if self.mesh is None:
+            return values.cpu()
+        last = self.pp_rank == self.pp_size - 1
+        values *= (1.0 / self.tp_size) if last else 0.0
+        dist.all_reduce(values)
+        return values.cpu()
 
     # -- after backward ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -9,6 +9,12 @@ every strict pair it implies; ties give no pair (DPO has no notion of "equally g
     2. data       strict pairs (prompt, better reply, worse reply) from the built-in rankings or a JSONL
     3. the loop   per step: the policy (with gradient) and the reference (without) score both replies of
                   every pair; AdamW, warmup + cosine, clip; held-out accuracy from the verifier; exact resume
+
+Under torchrun, `--parallel` lays the policy out as sft does (data parallel, ZeRO-1/2/3, tensor parallel; see
+glassmind/train/sft.py): each replica takes its own pairs of the step (the loss is a mean over pairs, so the
+replicas' averaged gradient is the global one). The frozen reference stays a whole plain copy on every rank
+(forward only: 4 bytes per parameter, no gradients or optimizer state), even under fsdp or tp, where it can
+then outweigh the policy's shard; sharding it too is left for when a model needs it.
 """
 
 from __future__ import annotations
@@ -28,9 +34,9 @@ from glassmind.data import tasks as task_lib
 from glassmind.train import checkpoint, metrics, rl
 from glassmind.train.optim import adamw
 from glassmind.train.schedule import lr_at
-from glassmind.train.sft import (accuracy_row, config_field, evaluate_tasks, load_chat_run, parse_config,
-                                 prepare_out, require_dir, resume_state, save_outputs, set_lr, setup_torch,
-                                 step_indices)
+from glassmind.train.sft import (PARALLEL_HELP, accuracy_row, config_field, evaluate_tasks, load_chat_run,
+                                 parallel_layout, parse_config, prepare_out, replica_rows, require_dir,
+                                 resume_state, save_run_files, save_state, set_lr, setup_torch, step_indices)
 
 SETTINGS = "dpo.json"
 
@@ -61,6 +67,7 @@ class DPOConfig:
     resume: bool = config_field(False, "continue the run in --out from its newest complete checkpoint")
     threads: Optional[int] = config_field(None, "CPU threads for torch")
     progress: bool = config_field(True, "print progress lines")
+    parallel: str = config_field("", PARALLEL_HELP)
 
 
 def preference_pairs(prefs: list[task_lib.Preference]) -> list[tuple[list[dict], str, str]]:
@@ -93,7 +100,17 @@ def pair_batch(fmt, pairs):
     return rl.rollout_batch(prompts, replies, fmt.pad_id, fmt.end_id)
 
 
+def policy_logprobs(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """log pi(ids[t+1] | ids[:t+1]) (B, T-1) through the model's forward (B, T, V), the one call a DDP or FSDP
+    wrapper syncs gradients around (rl.forward_logprobs calls .features and .lm_logits, past the wrapper)."""
+    return rl.gather_logprobs(model(ids, attention_mask=attn)[:, :-1], ids[:, 1:])
+
+
 def dpo(cfg: DPOConfig) -> dict:
+    from glassmind.parallel import apply_parallel
+    from glassmind.parallel.mesh import init_distributed
+    from glassmind.parallel.runtime import on_rank0, rank0_copy, whole_model
+
     t_start = time.perf_counter()
     require_dir(cfg.policy, "--policy")
     for name in ("steps", "batch_size"):
@@ -101,7 +118,9 @@ def dpo(cfg: DPOConfig) -> dict:
             raise GlassmindError(f"--{name.replace('_', '-')} must be positive")
     if cfg.beta <= 0:
         raise GlassmindError("--beta must be > 0")
+    spec = parallel_layout(cfg.parallel, "dpo", parent=Path(cfg.policy), batch_size=cfg.batch_size, unit="pairs")
     setup_torch(cfg.threads)
+    mesh = init_distributed(spec, "cpu")  # None for one process
     out = prepare_out(cfg, SETTINGS)
 
     policy, tok, fmt = load_chat_run(cfg.policy, "--policy")
@@ -113,38 +132,51 @@ def dpo(cfg: DPOConfig) -> dict:
         raise GlassmindError("the preferences hold no strict pair (every ranking is a tie): nothing to prefer")
     pairs = fitting_pairs(fmt, pairs, policy.config.context_length)
     heldout = task_lib.heldout_examples(cfg.eval_per_task, cfg.tasks, cfg.world_seed)
-    print0(f"dpo: {len(pairs):,} preference pairs from {len(prefs):,} rankings, beta {cfg.beta}")
+    print0(f"dpo: {len(pairs):,} preference pairs from {len(prefs):,} rankings, beta {cfg.beta}"
+           + (f", layout {spec}" if mesh is not None else ""))
 
-    optimizer = adamw(policy, lr=cfg.lr, weight_decay=0.0)
+    copy0 = rank0_copy(policy)  # rank 0's one-process model for evaluation and the run's files
+    pm = apply_parallel(policy, spec, mesh)  # one process: the model as it is
+    optimizer = pm.wrap_optimizer(adamw(pm.module, lr=cfg.lr, weight_decay=0.0))
     log = metrics.MetricsLog(out)
-    step, _, last = resume_state(cfg, out, model=policy, optimizer=optimizer)
-    params = [p for p in policy.parameters() if p.requires_grad]
+    step, _, last = resume_state(cfg, out, model=pm, optimizer=optimizer)
 
     def save_checkpoint() -> Path:
-        path = checkpoint.save(out / "train_state", step, model=policy, optimizer=optimizer, keep_last=cfg.keep_last)
-        save_outputs(out, policy, tok)
+        path = save_state(pm, out / "train_state", step, optimizer=optimizer, keep_last=cfg.keep_last)
+        save_run_files(out, whole_model(pm, copy0), tok)
         return path
+
+    def heldout_accuracy(examples) -> dict:
+        """evaluate_tasks on rank 0's whole model (the policy itself for one process), on every rank."""
+        whole = whole_model(pm, copy0)
+        return on_rank0(lambda: evaluate_tasks(whole, fmt, examples))
 
     first = None
     if step == 0:
-        first = {"step": 0, "split": "heldout", **accuracy_row(evaluate_tasks(policy, fmt, heldout))}
+        first = {"step": 0, "split": "heldout", **accuracy_row(heldout_accuracy(heldout))}
         log.log(first)
-    policy.eval()  # no dropout: pi and pi_ref must be the same function at step 0 (margin exactly 0)
+    pm.module.eval()  # no dropout: pi and pi_ref must be the same function at step 0 (margin exactly 0)
     while step < cfg.steps:
         t0 = time.perf_counter()
         lr = lr_at(step, max_lr=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, decay="cosine",
                    min_lr_ratio=cfg.min_lr_ratio)
         set_lr(optimizer, lr)
         batch = [pairs[i] for i in step_indices(step, cfg.batch_size, len(pairs), cfg.seed)]
-        ids, attn, mask = pair_batch(fmt, batch)
-        seq = rl.sequence_logprob(rl.forward_logprobs(policy, ids, attn)[1], mask)          # (2N,)
-        with torch.no_grad():
-            ref_seq = rl.sequence_logprob(rl.forward_logprobs(ref, ids, attn)[1], mask)
-        n = len(batch)
-        loss, margin = rl.dpo_loss(seq[:n], seq[n:], ref_seq[:n], ref_seq[n:], cfg.beta)
-        loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
-        if not math.isfinite(float(loss.detach())) or not math.isfinite(grad_norm):
+        ids, attn, mask = pair_batch(fmt, batch)     # (2N, T): chosen rows, then rejected rows
+        # this replica's pairs: its chosen rows and their rejected rows, padded as the global batch is
+        mine = replica_rows(pm, cfg.batch_size)
+        n = mine.stop - mine.start
+        rows = torch.cat([torch.arange(len(batch))[mine], len(batch) + torch.arange(len(batch))[mine]])
+        ids, attn, mask = ids[rows], attn[rows], mask[rows]
+        with pm.grad_sync(True), pm.autocast():
+            seq = rl.sequence_logprob(policy_logprobs(pm.module, ids, attn), mask)          # (2n,)
+            with torch.no_grad():
+                ref_seq = rl.sequence_logprob(rl.forward_logprobs(ref, ids, attn)[1], mask)
+            loss, margin = rl.dpo_loss(seq[:n], seq[n:], ref_seq[:n], ref_seq[n:], cfg.beta)
+            loss.backward()
+        grad_norm = pm.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        loss_value = pm.global_loss(loss.detach())
+        if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
             raise GlassmindError(f"step {step + 1}: loss or gradient norm is not finite; stopped before the update "
                                  f"(last checkpoint: {last}). Lower --lr and --resume")
         optimizer.step()
@@ -153,11 +185,13 @@ def dpo(cfg: DPOConfig) -> dict:
         with torch.no_grad():
             chosen_r = cfg.beta * (seq[:n] - ref_seq[:n])
             rejected_r = cfg.beta * (seq[n:] - ref_seq[n:])
-        row = {"step": step, "tokens": step * cfg.batch_size, "loss": float(loss.detach()), "lr": lr,
-               "grad_norm": grad_norm, "margin": float(margin.mean()), "pair_acc": float((margin > 0).float().mean()),
-               "reward_chosen": float(chosen_r.mean()), "reward_rejected": float(rejected_r.mean())}
+            # per-replica means over equal shares of the pairs -> means over the global batch
+            means = pm.global_sum(torch.stack([margin.mean(), (margin > 0).float().mean(), chosen_r.mean(),
+                                               rejected_r.mean()]).double()) / pm.dp_size
+        row = {"step": step, "tokens": step * cfg.batch_size, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+               **dict(zip(("margin", "pair_acc", "reward_chosen", "reward_rejected"), (float(v) for v in means)))}
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            row.update(accuracy_row(evaluate_tasks(policy, fmt, heldout)))
+            row.update(accuracy_row(heldout_accuracy(heldout)))
         log.log(row)
         if cfg.progress and (step % 20 == 0 or step == cfg.steps or "heldout_acc" in row):
             acc = f"  held-out acc {row['heldout_acc']:.3f}" if "heldout_acc" in row else ""
@@ -168,7 +202,7 @@ def dpo(cfg: DPOConfig) -> dict:
 
     if last is None or last.name != checkpoint.step_dir_name(step):
         save_checkpoint()
-    final = evaluate_tasks(policy, fmt, task_lib.heldout_examples(cfg.final_eval_per_task, cfg.tasks, cfg.world_seed))
+    final = heldout_accuracy(task_lib.heldout_examples(cfg.final_eval_per_task, cfg.tasks, cfg.world_seed))
     first = first or next((r for r in log.rows() if r.get("split") == "heldout"), {})
     train_rows = [r for r in log.rows() if "margin" in r]
     summary = {"run": str(out), "steps": step, "heldout_acc_start": first.get("heldout_acc"),
@@ -189,8 +223,12 @@ def dpo(cfg: DPOConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     def body(argv):
-        dpo(parse_config(DPOConfig, argv, prog="glassmind dpo", settings_file=SETTINGS,
-                         description="Direct preference optimisation against the frozen SFT reference."))
+        from glassmind.parallel.runtime import leave_at_exit
+
+        cfg = parse_config(DPOConfig, argv, prog="glassmind dpo", settings_file=SETTINGS,
+                           description="Direct preference optimisation against the frozen SFT reference.")
+        with leave_at_exit():  # under torchrun: every rank leaves the process group, error or not
+            dpo(cfg)
         return 0
 
     return run_main(body, argv)

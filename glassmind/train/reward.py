@@ -12,6 +12,11 @@
 
 The run directory holds the trunk as a plain model (config.json, model.safetensors: `glassmind.model.load`
 reads it) and the head in reward_head.safetensors; `load_reward_model` puts them together.
+
+Under torchrun, `--parallel` lays the reward model (trunk and head) out as sft does (data parallel, ZeRO-1/2/3,
+tensor parallel; see glassmind/train/sft.py): each replica scores its own rankings of the step and divides
+its Bradley-Terry sum by the global batch's pair weight. Plain DDP needs every trunk parameter to take part in
+the score, so a parent with an untied output head (unused here) takes zero=2|3 or tp instead.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ from glassmind.tokenizer.chat import ChatFormat
 from glassmind.train import checkpoint, metrics, rl
 from glassmind.train.optim import adamw
 from glassmind.train.schedule import lr_at
-from glassmind.train.sft import (config_field, load_chat_run, parse_config, prepare_out, require_dir,
-                                 resume_state, set_lr, setup_torch, step_indices)
+from glassmind.train.sft import (PARALLEL_HELP, config_field, load_chat_run, parallel_layout, parse_config,
+                                 prepare_out, replica_rows, require_dir, resume_state, save_state, set_lr,
+                                 setup_torch, step_indices)
 
 HEAD_FILE = "reward_head.safetensors"
 SETTINGS = "reward.json"
@@ -113,6 +119,7 @@ class RewardConfig:
     resume: bool = config_field(False, "continue the run in --out from its newest complete checkpoint")
     threads: Optional[int] = config_field(None, "CPU threads for torch")
     progress: bool = config_field(True, "print progress lines")
+    parallel: str = config_field("", PARALLEL_HELP)
 
 
 def preferences(cfg: RewardConfig) -> tuple[list[task_lib.Preference], list[task_lib.Preference]]:
@@ -137,20 +144,27 @@ def render_preference(fmt: ChatFormat, p: task_lib.Preference, context: int) -> 
     return [(prompt + fmt.render_reply(r))[-context:] for r in p.responses]
 
 
-def score_rankings(rm: RewardModel, fmt: ChatFormat, prefs: Sequence[task_lib.Preference]) -> list[torch.Tensor]:
-    """Scores (K,) of every ranking's replies, one forward pass over all of them (right-padded)."""
-    seqs = [render_preference(fmt, p, rm.config.context_length) for p in prefs]
-    ids, attn = rl.pad_rows([s for group in seqs for s in group], fmt.pad_id)
+def score_rankings(rm: RewardModel, fmt: ChatFormat, prefs: Sequence[task_lib.Preference], *,
+                   context: int | None = None, length: int | None = None) -> list[torch.Tensor]:
+    """Scores (K,) of every ranking's replies, one forward pass over all of them (right-padded to `length`,
+    default the longest). `context` is the model's (give it when `rm` is a wrapper without .config)."""
+    seqs = [render_preference(fmt, p, context or rm.config.context_length) for p in prefs]
+    ids, attn = rl.pad_rows([s for group in seqs for s in group], fmt.pad_id, length=length)
     scores = rm(ids, attn)
     return list(scores.split([len(g) for g in seqs]))
 
 
-def ranking_loss(scores: Sequence[torch.Tensor], prefs: Sequence[task_lib.Preference]) -> torch.Tensor:
+def ranking_loss(scores: Sequence[torch.Tensor], prefs: Sequence[task_lib.Preference], *,
+                 weight: float | None = None) -> torch.Tensor:
     """Sum over the batch's rankings of their Bradley-Terry losses, divided by the total pair weight: the mean
-    loss per comparison (a 5-way ranking counts as its 10 comparisons)."""
+    loss per comparison (a 5-way ranking counts as its 10 comparisons). `weight` replaces that total (a
+    data-parallel replica passes the global batch's weight / replicas)."""
     total = sum(rl.bradley_terry_loss(s, p.ranks) for s, p in zip(scores, prefs))
-    weight = sum(w for p in prefs for _, _, w in rl.ranking_pairs(p.ranks))
-    return total / max(weight, 1.0)
+    return total / (max(pair_weight(prefs), 1.0) if weight is None else weight)
+
+
+def pair_weight(prefs: Sequence[task_lib.Preference]) -> float:
+    return sum(w for p in prefs for _, _, w in rl.ranking_pairs(p.ranks))
 
 
 @torch.no_grad()
@@ -182,66 +196,98 @@ def pairwise_accuracy(rm: RewardModel, fmt: ChatFormat, prefs: Sequence[task_lib
 
 
 def train_reward(cfg: RewardConfig) -> dict:
+    from glassmind.parallel import apply_parallel
+    from glassmind.parallel.mesh import init_distributed
+    from glassmind.parallel.runtime import on_rank0, rank0_copy, whole_model
+
     t_start = time.perf_counter()
     parent = require_dir(cfg.parent, "--from")
     for name in ("steps", "batch_size"):
         if getattr(cfg, name) <= 0:
             raise GlassmindError(f"--{name.replace('_', '-')} must be positive")
+    spec = parallel_layout(cfg.parallel, "reward", parent=parent, batch_size=cfg.batch_size, unit="rankings")
+    if spec.world > 1 and spec.zero < 2 and spec.tp == 1:
+        from glassmind.model import load_config
+
+        mc = load_config(parent)
+        if not mc.tie_embeddings or mc.lm_head_bias:
+            raise GlassmindError(f"--parallel {spec}: {parent} has an untied output head, which the reward model "
+                                 "does not use, and DDP needs every parameter in the backward pass: use zero=2, "
+                                 "zero=3 or tp")
     setup_torch(cfg.threads)
+    mesh = init_distributed(spec, "cpu")  # None for one process
     out = prepare_out(cfg, SETTINGS)
 
     trunk, tok, fmt = load_chat_run(parent, "--from")
     torch.manual_seed(cfg.seed)  # the head's init
     rm = RewardModel(trunk)
+    context = rm.config.context_length
     train, val = preferences(cfg)
     print0(f"reward: {len(train):,} training rankings ({sum(len(p.pairs()) for p in train):,} strict pairs), "
            f"{len(val):,} held out; {rm.trunk.num_params():,} + {sum(p.numel() for p in rm.head.parameters())} "
-           "parameters")
+           "parameters" + (f", layout {spec}" if mesh is not None else ""))
 
-    optimizer = adamw(rm, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    copy0 = rank0_copy(rm)  # rank 0's one-process model for evaluation and the run's files
+    pm = apply_parallel(rm, spec, mesh)  # one process: the model as it is
+    optimizer = pm.wrap_optimizer(adamw(pm.module, lr=cfg.lr, weight_decay=cfg.weight_decay))
     log = metrics.MetricsLog(out)
-    step, _, last = resume_state(cfg, out, model=rm, optimizer=optimizer)
-    params = [p for p in rm.parameters() if p.requires_grad]
+    step, _, last = resume_state(cfg, out, model=pm, optimizer=optimizer)
 
     def save_checkpoint() -> Path:
-        path = checkpoint.save(out / "train_state", step, model=rm, optimizer=optimizer, keep_last=cfg.keep_last)
-        rm.save(out)
-        tok.save(out)
+        path = save_state(pm, out / "train_state", step, optimizer=optimizer, keep_last=cfg.keep_last)
+        whole = whole_model(pm, copy0)
+        on_rank0(lambda: (whole.save(out), tok.save(out)))
         return path
 
     def run_eval() -> dict:
-        rm.eval()
-        row = {"step": step, "tokens": step * cfg.batch_size, "split": "heldout", **pairwise_accuracy(rm, fmt, val)}
-        rm.train()
+        whole = whole_model(pm, copy0)  # one process: the model; under a layout: rank 0's gathered copy
+
+        def evaluate() -> dict:
+            whole.eval()
+            row = {"step": step, "tokens": step * cfg.batch_size, "split": "heldout",
+                   **pairwise_accuracy(whole, fmt, val)}
+            whole.train()
+            return row
+
+        row = on_rank0(evaluate)
         log.log(row)
         return row
 
     first = run_eval() if step == 0 and val else None
-    rm.train()
+    pm.module.train()
     while step < cfg.steps:
         t0 = time.perf_counter()
         lr = lr_at(step, max_lr=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, decay="cosine",
                    min_lr_ratio=cfg.min_lr_ratio)
         set_lr(optimizer, lr)
         batch = [train[i] for i in step_indices(step, cfg.batch_size, len(train), cfg.seed)]
-        scores = score_rankings(rm, fmt, batch)
-        loss = ranking_loss(scores, batch)
-        loss.backward()
-        loss = loss.detach()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
-        if not math.isfinite(float(loss)) or not math.isfinite(grad_norm):
+        # this replica's rankings, padded to the global batch's length; its loss sum is divided by the global
+        # pair weight / dp, so the replicas' averaged gradient is that of the global mean
+        mine = batch[replica_rows(pm, cfg.batch_size)]
+        length = weight = None
+        if pm.dp_size > 1:
+            length = max(len(s) for p in batch for s in render_preference(fmt, p, context))
+            weight = max(pair_weight(batch), 1.0) / pm.dp_size
+        with pm.grad_sync(True), pm.autocast():
+            scores = score_rankings(pm.module, fmt, mine, context=context, length=length)
+            loss = ranking_loss(scores, mine, weight=weight)
+            loss.backward()
+        loss = pm.global_loss(loss.detach())
+        grad_norm = pm.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
             raise GlassmindError(f"step {step + 1}: loss or gradient norm is not finite; stopped before the update "
                                  f"(last checkpoint: {last}). Lower --lr and --resume")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         with torch.no_grad():
-            right = sum(rl.pairwise_accuracy(s, p.ranks)[0] for s, p in zip(scores, batch))
-            n = sum(rl.pairwise_accuracy(s, p.ranks)[1] for s, p in zip(scores, batch))
-        log.log({"step": step, "tokens": step * cfg.batch_size, "loss": float(loss), "lr": lr,
+            right = sum(rl.pairwise_accuracy(s, p.ranks)[0] for s, p in zip(scores, mine))
+            n = sum(rl.pairwise_accuracy(s, p.ranks)[1] for s, p in zip(scores, mine))
+        right, n = (float(v) for v in pm.global_sum([right, n]))
+        log.log({"step": step, "tokens": step * cfg.batch_size, "loss": loss, "lr": lr,
                  "grad_norm": grad_norm, "train_pair_acc": right / max(n, 1)})
         if cfg.progress and (step % 20 == 0 or step == cfg.steps):
-            print0(f"reward step {step}/{cfg.steps}  loss {float(loss):.4f}  batch pair acc {right / max(n, 1):.3f}  "
+            print0(f"reward step {step}/{cfg.steps}  loss {loss:.4f}  batch pair acc {right / max(n, 1):.3f}  "
                    f"{(time.perf_counter() - t0) * 1000:.0f} ms/step")
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and val:
             print0(f"  eval: held-out pairwise accuracy {run_eval()['pairwise_acc']:.3f}")
@@ -272,9 +318,13 @@ def train_reward(cfg: RewardConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     def body(argv):
-        train_reward(parse_config(RewardConfig, argv, prog="glassmind reward", settings_file=SETTINGS,
-                                  renames={"parent": "--from"},
-                                  description="Train a reward model on ranked responses (Bradley-Terry)."))
+        from glassmind.parallel.runtime import leave_at_exit
+
+        cfg = parse_config(RewardConfig, argv, prog="glassmind reward", settings_file=SETTINGS,
+                           renames={"parent": "--from"},
+                           description="Train a reward model on ranked responses (Bradley-Terry).")
+        with leave_at_exit():  # under torchrun: every rank leaves the process group, error or not
+            train_reward(cfg)
         return 0
 
     return run_main(body, argv)

@@ -11,6 +11,18 @@ tokens only, and the plumbing every alignment verb shares.
 Exact resume. The batch of step s is a pure function of (seed, s) (a permutation per epoch), the learning
 rate a function of s, and the shared train-state checkpoint holds weights, AdamW moments and every RNG, so a
 run killed at any instant and resumed with --resume ends with the same weights, bit for bit, on CPU.
+
+Distributed. `torchrun --nproc_per_node=N -m glassmind sft|reward|dpo --parallel LAYOUT` lays a run over N
+processes (glassmind/parallel applies the layout from outside): data parallel (dp=N, with ZeRO-1/2/3 as
+zero=K or fsdp=N) and tensor parallel (tp=N), bf16 compute with mp=bf16. Each data-parallel replica takes
+its own rows of every global batch and its loss is normalised by the global batch's count (assistant tokens,
+comparisons, pairs), so the gradient and the logged loss are those of one process on the whole batch.
+Checkpoints are gathered to rank 0 in the one-process format (a run resumes under any layout, or none), only
+rank 0 writes files, and held-out evaluation runs on rank 0 on the gathered model. Not supported: pipeline
+stages (a pipeline schedule runs a fixed causal-LM loss; these verbs have their own losses) and fp16 (no loss
+scaler here). `ppo` and `grpo` refuse torchrun: each step generates rollouts through the inference engine,
+which runs a whole plain model; data parallelism would fit (each replica rolls out its own prompts), sharded
+and tensor-parallel layouts would need a gather before every rollout phase; not done yet.
 """
 
 from __future__ import annotations
@@ -29,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glassmind.common import (GlassmindError, add_config_args, atomic_write_json, config_from_args, print0,
-                              run_main)
+from glassmind.common import (GlassmindError, add_config_args, atomic_write_json, config_from_args, is_rank0,
+                              print0, run_main)
 from glassmind.data import tasks as task_lib
 from glassmind.tokenizer.chat import ChatFormat, add_chat_tokens
 from glassmind.train import checkpoint, metrics
@@ -52,7 +64,8 @@ def setup_torch(threads: Optional[int]) -> None:
 def parse_config(cls: type, argv: Sequence[str] | None, *, prog: str, description: str, settings_file: str,
                  renames: dict[str, str] | None = None):
     """Flags from the dataclass `cls`; `renames` maps a field to its flag (sft's `parent` is `--from`).
-    With --resume the run's saved settings are the defaults, so `--out RUN --resume` is enough."""
+    With --resume the run's saved settings are the defaults, so `--out RUN --resume` is enough; except the
+    layout (--parallel), which belongs to the launch: a run resumes under whatever layout it is given."""
     renames = renames or {}
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      epilog="Resume a killed run with: " + prog + " --out RUN --resume")
@@ -63,31 +76,108 @@ def parse_config(cls: type, argv: Sequence[str] | None, *, prog: str, descriptio
     ns = parser.parse_args(argv)
     saved = Path(ns.out) / settings_file
     if ns.resume and saved.exists():
-        parser.set_defaults(**json.loads(saved.read_text(encoding="utf-8")))
+        settings = json.loads(saved.read_text(encoding="utf-8"))
+        settings.pop("parallel", None)
+        parser.set_defaults(**settings)
         ns = parser.parse_args(argv)
     return config_from_args(cls, ns)
 
 
 # fields a resumed run may change in every verb: they do not alter what is computed
-RESUME_MAY_CHANGE = frozenset({"resume", "threads", "ckpt_every", "keep_last", "progress"})
+RESUME_MAY_CHANGE = frozenset({"resume", "threads", "ckpt_every", "keep_last", "progress",
+                               "parallel"})  # checkpoints are layout-free
 
 
 def prepare_out(cfg: Any, settings_file: str, may_change: frozenset = RESUME_MAY_CHANGE) -> Path:
-    """A fresh run directory, or the same run resumed with the same settings: never clobber another run."""
+    """A fresh run directory, or the same run resumed with the same settings: never clobber another run.
+    Under torchrun every rank checks, then rank 0 alone writes."""
+    from glassmind.parallel.runtime import barrier
+
+    refuse_unlaid_processes(Path(settings_file).stem)
     out = checkpoint.check_run_dir(cfg, settings_file, may_change)
-    saved_path = out / settings_file
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(saved_path, dataclasses.asdict(cfg))
+    barrier()  # no rank may meet rank 0's new settings file while it still checks for an existing run
+    if is_rank0():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / settings_file, dataclasses.asdict(cfg))
+    barrier()
     return out
 
 
+def refuse_unlaid_processes(verb: str) -> None:
+    """torchrun started several processes but this verb did not lay itself out over them (ppo and grpo run in
+    one process): N copies would write the same run directory. Say so instead."""
+    from glassmind.common import world_size
+    from glassmind.parallel.runtime import is_distributed
+
+    if world_size() > 1 and not is_distributed():
+        raise GlassmindError(f"glassmind {verb} runs in one process, but torchrun started {world_size()}: run it "
+                             "without torchrun. (sft, reward and dpo take --parallel under torchrun; ppo and grpo "
+                             "roll out through the inference engine on the whole model and do not)")
+
+
+def parallel_layout(text: str, verb: str, *, parent: Path, batch_size: int, unit: str):
+    """The --parallel layout of an alignment verb, checked before any process group exists, so a wrong one is
+    the same clear error on every rank instead of a hang. Data parallel (dp, zero=1|2|3, fsdp) and tensor
+    parallel (tp) are supported, with fp32 or bf16 compute."""
+    from glassmind.model import load_config
+    from glassmind.parallel.mesh import check_model, parse_spec
+    from glassmind.parallel.tensor import check_attention_splits
+
+    spec = parse_spec(text)
+    supported = f"{verb} runs data parallel (dp=N, zero=1|2|3, fsdp=N) and tensor parallel (tp=N) layouts"
+    if spec.pp > 1:
+        raise GlassmindError(f"--parallel {spec}: {supported}, not pipeline stages: drop pp (a pipeline schedule "
+                             f"runs pretrain's causal-LM loss, not {verb}'s)")
+    if spec.mp == "fp16":
+        raise GlassmindError(f"--parallel {spec}: {verb} has no fp16 loss scaler; use mp=bf16 or mp=fp32")
+    if batch_size % spec.dp:
+        raise GlassmindError(f"--parallel {spec}: --batch-size {batch_size} ({unit}) does not split evenly over "
+                             f"{spec.dp} data-parallel replicas: use a multiple of {spec.dp}")
+    if spec.world > 1:
+        config = load_config(parent)
+        check_model(spec, config)
+        if spec.tp > 1:
+            check_attention_splits(config, spec.tp)
+    return spec
+
+
+def replica_rows(pm, n: int) -> slice:
+    """This data-parallel replica's rows of a global batch of n (n divisible by the replicas)."""
+    per = n // pm.dp_size
+    return slice(pm.dp_rank * per, (pm.dp_rank + 1) * per)
+
+
+def save_state(pm, root: Path, step: int, *, optimizer, keep_last: int, extra: dict | None = None) -> Path:
+    """The train-state checkpoint: checkpoint.save for one process; under a layout every rank gathers its
+    pieces and rank 0 writes them in the same one-process format."""
+    from glassmind.parallel import checkpoint as pckpt
+
+    if pm.mesh is None:
+        return checkpoint.save(root, step, model=pm.module, optimizer=optimizer, keep_last=keep_last, extra=extra)
+    return pckpt.save_checkpoint(pm, root, step, optimizer=optimizer, extra=extra, keep_last=keep_last)
+
+
+def save_run_files(out: Path, whole: nn.Module | None, tok) -> None:
+    """The loadable files (save_outputs) from rank 0's whole model; the other ranks (whole None) wait."""
+    from glassmind.parallel.runtime import on_rank0
+
+    on_rank0(lambda: save_outputs(out, whole, tok))
+
+
 def resume_state(cfg: Any, out: Path, *, model: nn.Module, optimizer) -> tuple[int, dict, Path | None]:
-    """(step, extra, checkpoint path) restored from the newest complete checkpoint, or (0, {}, None)."""
+    """(step, extra, checkpoint path) restored from the newest complete checkpoint, or (0, {}, None).
+    `model` may be a ParallelModel: under a layout every rank reads the files and keeps its piece."""
+    from glassmind.parallel import ParallelModel, checkpoint as pckpt
+
     log = metrics.MetricsLog(out)
     latest = checkpoint.latest(out / "train_state") if cfg.resume else None
     step, extra = 0, {}
     if latest is not None:
-        restored = checkpoint.load(latest, model=model, optimizer=optimizer)
+        if isinstance(model, ParallelModel) and model.mesh is not None:
+            restored = pckpt.load_checkpoint(model, latest, optimizer=optimizer)
+        else:
+            restored = checkpoint.load(latest, optimizer=optimizer,
+                                       model=model.module if isinstance(model, ParallelModel) else model)
         step, extra = restored["step"], restored["extra"]
         print0(f"resumed from {latest} (step {step})")
     if cfg.resume:
@@ -209,6 +299,8 @@ def config_field(default: Any, help: str, **kw: Any) -> Any:
 
 
 SETTINGS = "sft.json"
+PARALLEL_HELP = ("layout over torchrun's processes: dp=N, zero=1|2|3, fsdp=N, tp=N, mp=bf16, e.g. fsdp=2 or dp=2,tp=2 "
+                 "(empty: data parallel over all; no pp)")
 
 
 @dataclass
@@ -235,6 +327,7 @@ class SFTConfig:
     resume: bool = config_field(False, "continue the run in --out from its newest complete checkpoint")
     threads: Optional[int] = config_field(None, "CPU threads for torch")
     progress: bool = config_field(True, "print progress lines")
+    parallel: str = config_field("", PARALLEL_HELP)
 
 
 # ======================================================================================================
@@ -274,14 +367,16 @@ def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[t
     return ids, attn, mask
 
 
-def masked_lm_loss(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_lm_loss(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, *,
+                   total: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of predicting ids[t+1] from ids[:t+1], averaged over the positions where mask[t+1] = 1
-    (the assistant's tokens): logits (B, T-1, V) against targets (B, T-1)."""
+    (the assistant's tokens): logits (B, T-1, V) against targets (B, T-1). `total` replaces the count of
+    those positions (a data-parallel replica divides its sum by the global batch's count / replicas)."""
     logits = model(ids, attention_mask=attn)[:, :-1]
     targets = ids[:, 1:]
     weight = mask[:, 1:].float()
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return (ce * weight.reshape(-1)).sum() / weight.sum().clamp(min=1)
+    return (ce * weight.reshape(-1)).sum() / (weight.sum().clamp(min=1) if total is None else total)
 
 
 # ======================================================================================================
@@ -336,44 +431,57 @@ def chat_model(parent: Path):
 
 
 def sft(cfg: SFTConfig) -> dict:
-    """Run (or resume) SFT; returns the key numbers (also in card.md)."""
+    """Run (or resume) SFT; returns the key numbers (also in card.md). Under torchrun, every rank calls it."""
+    from glassmind.parallel import apply_parallel
+    from glassmind.parallel.mesh import init_distributed
+    from glassmind.parallel.runtime import on_rank0, rank0_copy, whole_model
+
     t_start = time.perf_counter()
     parent = require_dir(cfg.parent, "--from")
     for name in ("steps", "batch_size", "n_examples"):
         if getattr(cfg, name) <= 0:
             raise GlassmindError(f"--{name.replace('_', '-')} must be positive")
+    spec = parallel_layout(cfg.parallel, "sft", parent=parent, batch_size=cfg.batch_size, unit="conversations")
     setup_torch(cfg.threads)
+    mesh = init_distributed(spec, "cpu")  # the alignment verbs compute on the CPU: gloo; None for one process
     out = prepare_out(cfg, SETTINGS)
 
     model, tok, fmt = chat_model(parent)
     rows = render_all(fmt, conversations(cfg), model.config.context_length)
     heldout = task_lib.heldout_examples(cfg.eval_per_task, cfg.tasks, cfg.world_seed)
     val_rows = render_all(fmt, [e.messages() for e in heldout], model.config.context_length)
-    print0(f"sft: {len(rows):,} conversations, {model.num_params():,} parameters, vocab {tok.vocab_size}")
+    print0(f"sft: {len(rows):,} conversations, {model.num_params():,} parameters, vocab {tok.vocab_size}"
+           + (f", layout {spec}" if mesh is not None else ""))
 
-    optimizer = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    copy0 = rank0_copy(model)  # rank 0's one-process model for evaluation and the run's files
+    pm = apply_parallel(model, spec, mesh)  # one process: the model as it is
+    optimizer = pm.wrap_optimizer(adamw(pm.module, lr=cfg.lr, weight_decay=cfg.weight_decay))
     log = metrics.MetricsLog(out)
-    step, extra, last = resume_state(cfg, out, model=model, optimizer=optimizer)
+    step, extra, last = resume_state(cfg, out, model=pm, optimizer=optimizer)
     tokens_done = extra.get("tokens", 0)  # assistant (target) tokens trained on so far
-    params = [p for p in model.parameters() if p.requires_grad]
 
     def save_checkpoint() -> Path:
-        path = checkpoint.save(out / "train_state", step, model=model, optimizer=optimizer, keep_last=cfg.keep_last,
-                               extra={"tokens": tokens_done})
-        save_outputs(out, model, tok)
+        path = save_state(pm, out / "train_state", step, optimizer=optimizer, keep_last=cfg.keep_last,
+                          extra={"tokens": tokens_done})
+        save_run_files(out, whole_model(pm, copy0), tok)
         return path
 
     def run_eval() -> dict:
-        model.eval()
-        with torch.no_grad():
-            val_loss = float(masked_lm_loss(model, *collate(val_rows, fmt.pad_id)))
-        result = evaluate_tasks(model, fmt, heldout)
-        model.train()
-        row = {"step": step, "tokens": tokens_done, "split": "val", "val_loss": val_loss, **accuracy_row(result)}
+        whole = whole_model(pm, copy0)  # one process: the model; under a layout: rank 0's gathered copy
+
+        def evaluate() -> dict:
+            whole.eval()
+            with torch.no_grad():
+                val_loss = float(masked_lm_loss(whole, *collate(val_rows, fmt.pad_id)))
+            result = evaluate_tasks(whole, fmt, heldout)
+            whole.train()
+            return {"step": step, "tokens": tokens_done, "split": "val", "val_loss": val_loss, **accuracy_row(result)}
+
+        row = on_rank0(evaluate)
         log.log(row)
         return row
 
-    model.train()
+    pm.module.train()
     first = run_eval() if step == 0 else None
     while step < cfg.steps:
         t0 = time.perf_counter()
@@ -381,22 +489,27 @@ def sft(cfg: SFTConfig) -> dict:
                    min_lr_ratio=cfg.min_lr_ratio)
         set_lr(optimizer, lr)
         batch = collate([rows[i] for i in step_indices(step, cfg.batch_size, len(rows), cfg.seed)], fmt.pad_id)
-        loss = masked_lm_loss(model, *batch)
-        loss.backward()
-        loss = loss.detach()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
-        if not math.isfinite(float(loss)) or not math.isfinite(grad_norm):
-            raise GlassmindError(f"step {step + 1}: loss {float(loss)} / gradient norm {grad_norm} is not finite; "
+        # this replica's rows (B / dp, T) of the global batch; its sum of token losses is divided by the global
+        # count / dp, so the replicas' averaged gradient is the gradient of the global mean
+        mine = replica_rows(pm, cfg.batch_size)
+        total = batch[2][:, 1:].sum().clamp(min=1) / pm.dp_size if pm.dp_size > 1 else None
+        with pm.grad_sync(True), pm.autocast():
+            loss = masked_lm_loss(pm.module, *(t[mine] for t in batch), total=total)
+            loss.backward()
+        loss = pm.global_loss(loss.detach())
+        grad_norm = pm.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            raise GlassmindError(f"step {step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; "
                                  f"stopped before the update (last checkpoint: {last}). Lower --lr and --resume")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_done += int(batch[2][:, 1:].sum())
         dt = time.perf_counter() - t0
-        log.log({"step": step, "tokens": tokens_done, "loss": float(loss), "lr": lr,
+        log.log({"step": step, "tokens": tokens_done, "loss": loss, "lr": lr,
                  "grad_norm": grad_norm, "tokens_per_s": int(batch[1].sum()) / dt})
         if cfg.progress and (step % 20 == 0 or step == cfg.steps):
-            print0(f"sft step {step}/{cfg.steps}  loss {float(loss):.4f}  lr {lr:.2e}  {dt * 1000:.0f} ms/step")
+            print0(f"sft step {step}/{cfg.steps}  loss {loss:.4f}  lr {lr:.2e}  {dt * 1000:.0f} ms/step")
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             row = run_eval()
             print0(f"  eval: val loss {row['val_loss']:.4f}, held-out accuracy {row['heldout_acc']:.3f}")
@@ -426,8 +539,12 @@ def sft(cfg: SFTConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     def body(argv):
-        sft(parse_config(SFTConfig, argv, prog="glassmind sft", settings_file=SETTINGS, renames={"parent": "--from"},
-                         description="Instruction-tune a pre-trained decoder with the loss on assistant tokens."))
+        from glassmind.parallel.runtime import leave_at_exit
+
+        cfg = parse_config(SFTConfig, argv, prog="glassmind sft", settings_file=SETTINGS, renames={"parent": "--from"},
+                           description="Instruction-tune a pre-trained decoder with the loss on assistant tokens.")
+        with leave_at_exit():  # under torchrun: every rank leaves the process group, error or not
+            sft(cfg)
         return 0
 
     return run_main(body, argv)

@@ -6,17 +6,24 @@ context 256; random weights (speed does not depend on them), built in transforme
 glassmind.model.interop.from_hf, so both run identical weights. Work: prompts of 32 tokens, 224 new tokens,
 greedy, no EOS (every sequence runs to the end), batch 1 and 8, fp32 and bf16.
 
+Sides: ours eager (the default Engine), ours compiled (`Engine(model, compile=True)`: the decode step
+compiled once per batch size with torch.compile/inductor, fixed shapes; `--no-compile` skips it) and
+transformers. Each round runs every side in a rotating order.
+
 Metrics (medians over --reps alternating rounds; each round times, for each side, a generation of 1 token
 and a full one):
   TTFT            wall time of the 1-token generation (prefill + first token + per-call setup).
   decode tok/s    batch x 223 / (full generation - 1-token generation), wall clock.
   per CPU second  the same ratio from the process's CPU time: on a shared machine, wall time includes
                   waiting for a core; CPU time is the work done.
+  compile s       ours compiled: wall time of its first generation at that batch size (compilation; the
+                  inductor cache starts empty unless TORCHINDUCTOR_CACHE_DIR is set, and fp32 and bf16
+                  share generated C++ where they can).
 Ours runs with its defaults, so it also computes each token's log-probability (transformers does not).
 
     python benchmarks/bench_generate.py                 # full table (several minutes on 2 cores)
     python benchmarks/bench_generate.py --quick         # 1 round, 64 new tokens: a smoke run
-    python benchmarks/bench_generate.py --profile       # where our per-token time goes
+    python benchmarks/bench_generate.py --profile       # where our per-token time goes (--profile-batch 8)
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ import time
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # a cold compile cache: "compile s" is a first compile's
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="glassmind-bench-inductor-")
 
 import torch  # noqa: E402
 
@@ -76,90 +87,112 @@ def measure(run, prompts: list[list[int]], new: int) -> tuple[dict, list[list[in
     return dict(ttft=w1, tps=n / (wn - w1), cpu_tps=n / (cn - c1)), out[0]
 
 
-def bench(reps: int, new: int, prompt_len: int) -> list[dict]:
+def bench(reps: int, new: int, prompt_len: int, compiled: bool) -> list[dict]:
     rows = []
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         hf, ours = build(dtype)
-        engine = Engine(ours)
-        sides = {"ours": lambda p, n: run_ours(engine, p, n), "hf": lambda p, n: run_hf(hf, p, n)}
+        engines = {"ours": Engine(ours)}
+        if compiled:
+            engines["compiled"] = Engine(ours, compile=True)
+        sides = {name: (lambda p, n, e=e: run_ours(e, p, n)) for name, e in engines.items()}
+        sides["hf"] = lambda p, n: run_hf(hf, p, n)
+        names = list(sides)
         for batch in (1, 8):
             g = torch.Generator().manual_seed(batch)
             prompts = torch.randint(1, 8192, (batch, prompt_len), generator=g).tolist()
-            for run in sides.values():
-                run(prompts, 8)  # warm-up: first-call allocations
-            got: dict[str, list[dict]] = {"ours": [], "hf": []}
+            warm = {}
+            for name, run in sides.items():
+                warm[name], _ = timed(lambda: run(prompts, 8))  # first-call allocations; compilation
+            got: dict[str, list[dict]] = {name: [] for name in names}
             outs: dict[str, list] = {}
             for r in range(reps):
-                for name in (("ours", "hf") if r % 2 == 0 else ("hf", "ours")):  # alternate who goes first
+                for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
                     m, outs[name] = measure(sides[name], prompts, new)
                     got[name].append(m)
-            row = dict(dtype=dtype_name, batch=batch, same=outs["ours"] == outs["hf"])
+            row = dict(dtype=dtype_name, batch=batch, same=outs["ours"] == outs["hf"],
+                       same_compiled=outs.get("compiled", outs["ours"]) == outs["ours"],
+                       compile_s=warm.get("compiled"))
             for name in got:
                 for key in ("ttft", "tps", "cpu_tps"):
                     row[f"{name}_{key}"] = statistics.median(m[key] for m in got[name])
-            row["ratio"] = row["ours_tps"] / row["hf_tps"]
-            row["cpu_ratio"] = row["ours_cpu_tps"] / row["hf_cpu_tps"]
+            for name in engines:
+                row[f"{name}_ratio"] = row[f"{name}_tps"] / row["hf_tps"]
+                row[f"{name}_cpu_ratio"] = row[f"{name}_cpu_tps"] / row["hf_cpu_tps"]
             rows.append(row)
-            print(f"{dtype_name} batch {batch}: decode tok/s ours {row['ours_tps']:.0f} vs transformers "
-                  f"{row['hf_tps']:.0f} ({row['ratio']:.2f}x; per CPU second {row['cpu_ratio']:.2f}x); "
-                  f"TTFT ours {1000 * row['ours_ttft']:.1f} ms vs {1000 * row['hf_ttft']:.1f} ms; "
-                  f"same tokens: {row['same']}", flush=True)
+            print(f"{dtype_name} batch {batch}: decode tok/s transformers {row['hf_tps']:.0f}, TTFT "
+                  f"{1000 * row['hf_ttft']:.1f} ms; same tokens: {row['same']}", flush=True)
+            for name in engines:
+                print(f"  {name:<8} decode tok/s {row[f'{name}_tps']:.0f} ({row[f'{name}_ratio']:.2f}x; per CPU "
+                      f"second {row[f'{name}_cpu_ratio']:.2f}x), TTFT {1000 * row[f'{name}_ttft']:.1f} ms",
+                      flush=True)
+            if compiled:
+                print(f"  compiled: first call {row['compile_s']:.1f} s, same tokens as eager: "
+                      f"{row['same_compiled']}", flush=True)
     return rows
 
 
 def table(rows: list[dict], reps: int, new: int, prompt_len: int) -> str:
+    compiled = "compiled_tps" in rows[0]
     lines = [f"prompt {prompt_len} tokens, {new} new tokens, greedy, medians of {reps} alternating rounds, "
-             f"torch threads {torch.get_num_threads()}",
+             f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} at the end",
              "",
-             "| dtype | batch | ours decode tok/s | transformers decode tok/s | ratio | ratio per CPU second | "
-             "ours TTFT ms | transformers TTFT ms | same tokens |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| dtype | batch | side | decode tok/s | ratio | ratio per CPU second | TTFT ms | same tokens |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['dtype']} | {r['batch']} | {r['ours_tps']:.0f} | {r['hf_tps']:.0f} | "
-                     f"{r['ratio']:.2f}x | {r['cpu_ratio']:.2f}x | {1000 * r['ours_ttft']:.1f} | "
-                     f"{1000 * r['hf_ttft']:.1f} | {'yes' if r['same'] else 'no'} |")
+        lines.append(f"| {r['dtype']} | {r['batch']} | transformers | {r['hf_tps']:.0f} | 1 | 1 | "
+                     f"{1000 * r['hf_ttft']:.1f} | |")
+        lines.append(f"| | | ours eager | {r['ours_tps']:.0f} | {r['ours_ratio']:.2f}x | "
+                     f"{r['ours_cpu_ratio']:.2f}x | {1000 * r['ours_ttft']:.1f} | {'yes' if r['same'] else 'no'} |")
+        if compiled:
+            lines.append(f"| | | ours compiled (first call {r['compile_s']:.0f} s) | {r['compiled_tps']:.0f} | "
+                         f"{r['compiled_ratio']:.2f}x | {r['compiled_cpu_ratio']:.2f}x | "
+                         f"{1000 * r['compiled_ttft']:.1f} | {'= eager' if r['same_compiled'] else 'no'} |")
     return "\n".join(lines)
 
 
-def profile(steps: int = 64, rounds: int = 5) -> None:
-    """Where our per-token decode time goes at batch 1 (fp32), in CPU time per token (medians of alternating
-    rounds): the engine's whole step, the model's decode forward alone, the same matmuls called directly,
-    and the attention kernel alone; then torch.profiler's top operators."""
+def profile(batch: int = 1, steps: int = 64, rounds: int = 5, compiled: bool = True) -> None:
+    """Where our per-token decode time goes (fp32), in CPU time per decode step (medians of alternating
+    rounds): the engine's whole step, the model's decode step alone, the same matmuls called directly, the
+    attention kernel alone, for the eager and the compiled step; then the floor the matmuls cannot beat
+    (weights read once per step at the measured memory bandwidth), then torch.profiler's top operators."""
     import torch.nn.functional as F
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    from glassmind.infer.engine import DecoderBatch
+    from glassmind.infer.engine import CompiledDecoderBatch, DecoderBatch
 
     _, ours = build(torch.float32)
-    engine = Engine(ours)
-    prompts = [list(range(1, 33))]
+    engines = {"eager": Engine(ours)}
+    if compiled:
+        engines["compiled"] = Engine(ours, compile=True)
+    prompts = [list(range(1 + b, 33 + b)) for b in range(batch)]
     cfg = ours.config
     linears = [(m.weight, m.bias) for m in ours.modules() if isinstance(m, torch.nn.Linear)]
     linears.append((ours.token_embedding.weight, None))  # the tied LM head
-    xs = {w.shape[1]: torch.randn(1, 1, w.shape[1]) for w, _ in linears}
+    xs = {w.shape[1]: torch.randn(batch, 1, w.shape[1]) for w, _ in linears}
     H, D = cfg.n_heads, cfg.head_dim
-    q = torch.randn(1, H, 1, D)
-    kv = torch.randn(1, H, 32 + steps // 2, D)  # the average cache length over the run
+    q = torch.randn(batch, H, 1, D)
+    kv = torch.randn(batch, H, 32 + steps // 2, D)  # the average cache length over the run
+    mask = torch.ones(batch, 1, 1, kv.shape[2], dtype=torch.bool)  # the compiled step always passes one
 
     def cpu(fn) -> float:
         c = time.process_time()
         fn()
         return time.process_time() - c
 
-    def engine_step():
+    def engine_step(engine):
         one = cpu(lambda: engine.generate(prompts, SamplingParams(max_new_tokens=1)))
         return (cpu(lambda: engine.generate(prompts, SamplingParams(max_new_tokens=steps))) - one) / (steps - 1)
 
     @torch.inference_mode()
-    def model_step():
-        batch = DecoderBatch(ours, prompts, steps)
-        tok = batch.prefill().argmax(-1)
+    def model_step(make):
+        batch_ = make()
+        tok = batch_.prefill().argmax(-1)
 
         def loop():
             nonlocal tok
             for _ in range(steps):
-                tok = batch.step(tok).argmax(-1)
+                tok = batch_.step(tok).argmax(-1)
         return cpu(loop) / steps
 
     @torch.inference_mode()
@@ -167,30 +200,51 @@ def profile(steps: int = 64, rounds: int = 5) -> None:
         return cpu(lambda: [F.linear(xs[w.shape[1]], w, b) for _ in range(steps) for w, b in linears]) / steps
 
     @torch.inference_mode()
-    def attention():
-        return cpu(lambda: [F.scaled_dot_product_attention(q, kv, kv) for _ in range(steps * cfg.n_layers)]) / steps
+    def attention(k, mask):
+        return cpu(lambda: [F.scaled_dot_product_attention(q, k, k, attn_mask=mask)
+                            for _ in range(steps * cfg.n_layers)]) / steps
 
-    parts = {"engine step (all)": engine_step, "model decode forward": model_step,
-             "matmuls alone": matmuls, "attention kernel alone": attention}
+    @torch.inference_mode()
+    def read_weights():  # one pass over every weight matrix: the bytes a decode step must stream
+        return cpu(lambda: [w.sum() for _ in range(steps) for w, _ in linears]) / steps
+
+    parts = {"eager engine step": lambda: engine_step(engines["eager"]),
+             "eager model step": lambda: model_step(lambda: DecoderBatch(ours, prompts, steps)),
+             "matmuls": matmuls, "attention (eager)": lambda: attention(kv, None),
+             "attention (compiled)": lambda: attention(kv, mask), "read weights": read_weights}
+    if compiled:
+        step_fn = engines["compiled"]._step
+        parts["compiled engine step"] = lambda: engine_step(engines["compiled"])
+        parts["compiled model step"] = lambda: model_step(lambda: CompiledDecoderBatch(ours, prompts, step_fn))
+    t = time.perf_counter()
     for fn in parts.values():
-        fn()
+        fn()  # warm-up, and compilation
+    print(f"warm-up (compiling the step: {compiled}) {time.perf_counter() - t:.1f} s")
     got: dict[str, list[float]] = {k: [] for k in parts}
     for _ in range(rounds):
         for k, fn in parts.items():
             got[k].append(fn())
     med = {k: statistics.median(v) for k, v in got.items()}
-    total = med["engine step (all)"]
-    rows = [("matmuls (25 linears incl. the LM head)", med["matmuls alone"]),
-            ("attention kernel (4 sdpa)", med["attention kernel alone"]),
-            ("rest of the model forward: other ops, module calls, Python",
-             med["model decode forward"] - med["matmuls alone"] - med["attention kernel alone"]),
-            ("engine: logprob, choice, stop checks, bookkeeping", total - med["model decode forward"])]
-    print(f"decode at batch 1, fp32, CPU time per token (medians of {rounds}): {1000 * total:.3f} ms")
-    for name, v in rows:
-        print(f"  {name:<60} {1000 * v:6.3f} ms  {100 * v / total:5.1f}%")
+    for side in engines:
+        total = med[f"{side} engine step"]
+        attn = med[f"attention ({side})"]
+        rest = ("layer norms, GELU, adds, views, cache writes, module calls, Python" if side == "eager" else
+                "fused elementwise kernels, cache writes, the compiled code's wrapper and guards")
+        rows = [("matmuls (24 projections + the LM head, called alone)", med["matmuls"]),
+                (f"attention kernel ({cfg.n_layers} sdpa{', masked' if side == 'compiled' else ''})", attn),
+                (f"rest of the step: {rest}", med[f"{side} model step"] - med["matmuls"] - attn),
+                ("engine: logprob, choice, stop checks, bookkeeping", total - med[f"{side} model step"])]
+        print(f"{side}: decode at batch {batch}, fp32, CPU time per step (medians of {rounds}): "
+              f"{1000 * total:.3f} ms ({1000 * total / batch:.3f} ms per token)")
+        for name, v in rows:
+            print(f"  {name:<94} {1000 * v:6.3f} ms  {100 * v / total:5.1f}%")
+    n_bytes = sum(w.numel() * w.element_size() for w, _ in linears)
+    print(f"floor: a step reads {n_bytes / 1e6:.1f} MB of weights; summing them alone takes "
+          f"{1000 * med['read weights']:.3f} ms ({n_bytes / med['read weights'] / 1e9:.1f} GB/s on this core), the "
+          f"matmuls {1000 * med['matmuls']:.3f} ms")
 
     with tprofile(activities=[ProfilerActivity.CPU]) as prof:
-        engine.generate(prompts, SamplingParams(max_new_tokens=steps))
+        engines["eager"].generate(prompts, SamplingParams(max_new_tokens=steps))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
@@ -202,16 +256,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--quick", action="store_true", help="1 round of 64 new tokens")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled engine (saves ~2 min)")
+    ap.add_argument("--profile-batch", type=int, default=1, help="batch size of --profile")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.profile:
-        profile()
+        profile(args.profile_batch, compiled=not args.no_compile)
         return
     if args.quick:
         args.reps, args.new = 1, 64
-    rows = bench(args.reps, args.new, args.prompt)
+    rows = bench(args.reps, args.new, args.prompt, not args.no_compile)
     print()
     print(table(rows, args.reps, args.new, args.prompt))
 

@@ -7,6 +7,11 @@ Two formats:
 - a plain transcript otherwise (a base model): "User: ...\\nAssistant: ..." lines, and the reply ends where
   the model starts the next "User:" line (or at <|endoftext|>).
 
+The conversation's KV cache is kept between turns (an engine Session): each turn prefills only what is
+new since the cache was filled (the user's message and the assistant header, plus any reply tokens that
+re-encode differently). When the transcript outgrows the context, the oldest turns are dropped and the
+trimmed transcript is prefilled afresh (the loop says so).
+
 Commands: /reset forgets the conversation, /quit (or end of input) leaves.
 """
 
@@ -20,7 +25,7 @@ from typing import Callable, Optional  # see cli.py
 from glassmind.common import GlassmindError, add_config_args, config_from_args, run_main
 from glassmind.infer.cli import load_run, sampling_params, stop_ids
 from glassmind.infer.detok import Detokenizer
-from glassmind.infer.engine import Engine
+from glassmind.infer.engine import Engine, Session
 from glassmind.infer.sampling import STRATEGIES
 from glassmind.tokenizer.chat import ChatFormat, has_chat_tokens
 
@@ -39,6 +44,8 @@ class ChatConfig:
     seed: Optional[int] = field(default=None, metadata={"help": "seed for reproducible replies"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | mps"})
     dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16 | fp16"})
+    compile: bool = field(default=False, metadata={"help": "compile the decode step (torch.compile): a slow "
+                                                           "first reply, faster tokens after"})
 
 
 class Conversation:
@@ -49,6 +56,7 @@ class Conversation:
         self.turns: list[dict] = []  # {"role": "user" | "assistant", "content": text}
         self.format = ChatFormat(tok) if has_chat_tokens(tok) else None
         self.budget = context_length - reserve  # prompt tokens that leave room for a full reply
+        self.trimmed = False                    # the last prompt_ids() dropped turns or cut a message
         if self.budget < 8:
             raise GlassmindError(f"the context ({context_length}) leaves no room for a conversation with "
                                  f"replies of {reserve} tokens: lower --max-new-tokens")
@@ -71,6 +79,7 @@ class Conversation:
         while len(ids) > self.budget and start < len(self.turns) - 1:
             start += 1
             ids = self._render(self.turns[start:])
+        self.trimmed = start > 0 or len(ids) > self.budget
         return ids[-self.budget:]
 
     def add(self, role: str, text: str) -> None:
@@ -103,12 +112,15 @@ class _HoldBack:
         return out, False
 
 
-def reply(engine: Engine, conv: Conversation, params, write: Callable[[str], None]) -> tuple[str, dict]:
-    """Generate and stream the assistant's next reply; returns its text and the metrics."""
+def reply(engine: Engine, conv: Conversation, params, write: Callable[[str], None],
+          session: Session | None = None) -> tuple[str, dict]:
+    """Generate and stream the assistant's next reply; returns its text and the metrics. With a session,
+    the conversation's KV cache is reused (only the new part of the transcript is prefilled)."""
     detok = Detokenizer(conv.tok)
     hold = _HoldBack(None if conv.uses_chat_tokens else NEXT_TURN)
     n, metrics, stopped = 0, None, False
-    events = engine.stream([conv.prompt_ids()], params)
+    prompt = conv.prompt_ids()
+    events = engine.stream([prompt], params, session=session)
     for ev in events:
         n += 1
         out, stopped = hold.feed(detok.push(ev.token))
@@ -122,7 +134,8 @@ def reply(engine: Engine, conv: Conversation, params, write: Callable[[str], Non
         out, _ = hold.feed(detok.flush())
         write(out + hold.text[hold.shown:])
     text = hold.text.strip()
-    return text, {"tokens": n, "metrics": metrics}
+    prefilled = session.prefilled if session is not None and params.strategy != "beam" else len(prompt)
+    return text, {"tokens": n, "metrics": metrics, "prompt": len(prompt), "prefilled": prefilled}
 
 
 def chat_loop(engine: Engine, tok, cfg: ChatConfig, *, read: Callable[[str], str] = input,
@@ -134,6 +147,7 @@ def chat_loop(engine: Engine, tok, cfg: ChatConfig, *, read: Callable[[str], str
     conv = Conversation(tok, engine.config.context_length, cfg.max_new_tokens)
     mode = "chat tokens" if conv.uses_chat_tokens else "plain User:/Assistant: transcript (base model)"
     write(f"glassmind chat: {mode}. /reset to forget, /quit to leave.\n")
+    session = engine.session()
     while True:
         try:
             msg = read("you> ")
@@ -144,6 +158,7 @@ def chat_loop(engine: Engine, tok, cfg: ChatConfig, *, read: Callable[[str], str
             return conv
         if msg.strip() == "/reset":
             conv.turns.clear()
+            session.reset()
             write("(conversation forgotten)\n")
             continue
         if not msg.strip():
@@ -151,12 +166,15 @@ def chat_loop(engine: Engine, tok, cfg: ChatConfig, *, read: Callable[[str], str
         conv.add("user", msg)
         write("assistant> ")
         t0 = time.perf_counter()
-        text, info = reply(engine, conv, params, write)
+        text, info = reply(engine, conv, params, write, session)
         dt = time.perf_counter() - t0
         conv.add("assistant", text)
         m = info["metrics"]
         ttft = f", first token {1000 * m.ttft_s:.0f} ms" if m is not None else ""
-        write(f"\n  [{info['tokens']} tokens, {info['tokens'] / dt:.1f} tokens/s{ttft}]\n")
+        write(f"\n  [{info['tokens']} tokens, {info['tokens'] / dt:.1f} tokens/s{ttft}, prefilled "
+              f"{info['prefilled']} of {info['prompt']} prompt tokens]\n")
+        if conv.trimmed:
+            write("  (context full: the oldest turns were dropped and the trimmed transcript read afresh)\n")
 
 
 def chat(argv: list[str] | None) -> int:
@@ -169,7 +187,7 @@ def chat(argv: list[str] | None) -> int:
     model, tok = load_run(args.run, device=cfg.device, dtype=cfg.dtype)
     if model.config.arch != "decoder":
         raise GlassmindError(f"chat needs a decoder run; {args.run} holds a {model.config.arch}")
-    chat_loop(Engine(model), tok, cfg)
+    chat_loop(Engine(model, compile=cfg.compile), tok, cfg)
     return 0
 
 

@@ -45,6 +45,8 @@ class GenerateConfig:
     top_logprobs: int = field(default=3, metadata={"help": "with --stats: alternatives shown per token"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | mps"})
     dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16 | fp16"})
+    compile: bool = field(default=False, metadata={"help": "compile the decode step (torch.compile): the first "
+                                                           "generation takes longer, each token less"})
 
 
 def sampling_params(cfg: Any, eos: tuple[int, ...]) -> SamplingParams:
@@ -129,7 +131,7 @@ def generate(argv: list[str] | None) -> int:
     model, tok = load_run(args.run, device=cfg.device, dtype=cfg.dtype)
     params.eos_token_ids = stop_ids(tok)
     params.top_logprobs = cfg.top_logprobs if cfg.stats else 0
-    engine = Engine(model)
+    engine = Engine(model, compile=cfg.compile)
     ids = encode_prompt(tok, prompt)
     if cfg.stream and cfg.strategy != "beam":
         detok = Detokenizer(tok)

@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from glassmind.common import GlassmindError
 from glassmind.infer.beam import Hypothesis, beam_search
-from glassmind.infer.kv_cache import KVCache
+from glassmind.infer.kv_cache import KVCache, StaticKVCache
 from glassmind.infer.sampling import SamplingParams, make_generators, process, sample, stop_length
 
 
@@ -108,6 +108,45 @@ class MaskPrediction:
 # batches: the model-facing side (prefill, one decode step, drop/reorder rows)
 
 
+class Session:
+    """The KV cache of one conversation, kept between generate calls (prefix reuse).
+
+    Pass it with a single prompt to Engine.generate/stream: the longest prefix of the prompt whose keys and
+    values are already in the cache is reused and only the rest is prefilled; afterwards the cache holds the
+    prompt and every generated token that was fed back to the model. A prompt that shares no prefix (a
+    trimmed transcript, another conversation) is prefilled from scratch into the same cache. Beam search
+    keeps no cache (its beams are reordered copies): with strategy "beam" the session is emptied.
+
+    `reused` / `prefilled`: how many tokens of the last prompt were read from the cache / computed."""
+
+    def __init__(self) -> None:
+        self.cache: KVCache | None = None
+        self.ids: list[int] = []     # the tokens whose keys/values fill cache slots [0, len(ids))
+        self.reused = 0
+        self.prefilled = 0
+        self._model: nn.Module | None = None
+
+    def reset(self) -> None:
+        """Forget the conversation (the cache's memory is kept for the next one)."""
+        self.ids = []
+
+    def _take(self, model: nn.Module, prompt: list[int]) -> tuple[KVCache, int]:
+        """The cache, rewound to the longest prefix shared with `prompt`, and that prefix's length."""
+        if self.cache is None or self._model is not model:
+            self.cache, self._model, self.ids = KVCache.for_model(model, 1), model, []
+        n = 0
+        for a, b in zip(self.ids, prompt):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(prompt) - 1)  # the prompt's last token is always computed: its logits pick the next
+        self.cache.pos, self.ids = n, self.ids[:n]
+        return self.cache, n
+
+    def _prefilled(self, prompt: list[int], reused: int) -> None:
+        self.ids, self.reused, self.prefilled = list(prompt), reused, len(prompt) - reused
+
+
 class DecoderBatch:
     """A left-padded batch of decoder prompts and its KV cache.
 
@@ -116,35 +155,108 @@ class DecoderBatch:
     only (row i's first real token is position 0) and padding keys are masked out, so a padded row computes
     exactly what it would alone."""
 
-    def __init__(self, model: nn.Module, prompts: list[list[int]], room: int):
+    def __init__(self, model: nn.Module, prompts: list[list[int]], room: int, *, slots: int | None = None,
+                 session: Session | None = None):
         p = next(model.parameters())
         B, T = len(prompts), max(len(x) for x in prompts)
         self.model, self.T = model, T
         self.ids = torch.zeros(B, T, dtype=torch.long)
-        self.mask = torch.ones(B, T + room, dtype=torch.bool)                        # (B, keys)
+        self.mask = torch.ones(B, slots or T + room, dtype=torch.bool)               # (B, keys)
         for i, x in enumerate(prompts):
             self.ids[i, T - len(x):] = torch.tensor(x)
             self.mask[i, : T - len(x)] = False
         self.ids, self.mask = self.ids.to(p.device), self.mask.to(p.device)
         self.padded = any(len(x) < T for x in prompts)
         self.pos = torch.tensor([len(x) for x in prompts], device=p.device)         # next position per row
-        self.cache = KVCache.for_model(model, B, T + room)
+        self.session, self.reused = session, 0
+        if session is not None:  # one prompt: continue from the kept cache, prefill only what differs
+            self.cache, self.reused = session._take(model, prompts[0])
+        else:
+            self.cache = KVCache.for_model(model, B, slots or T + room)
+        # the padding mask as the model's 4-D form (B, 1, 1, keys), built once: a decode step slices it
+        self.mask4 = self.mask[:, None, None, :]
 
     def prefill(self) -> torch.Tensor:
-        h = self.model.features(self.ids, attention_mask=self.mask[:, : self.T] if self.padded else None,
+        h = self.model.features(self.ids[:, self.reused:],
+                                attention_mask=self.mask[:, : self.T] if self.padded else None,
                                 cache=self.cache)                                     # (B, T, C)
+        if self.session is not None:
+            self.session._prefilled(self.ids[0].tolist(), self.reused)
         return self.model.lm_logits(h[:, -1]).float()                                 # (B, V): last row only
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         keys = self.cache.pos + 1
-        h = self.model.features(tokens[:, None], attention_mask=self.mask[:, :keys] if self.padded else None,
+        h = self.model.features(tokens[:, None], attention_mask=self.mask4[..., :keys] if self.padded else None,
                                 positions=self.pos[:, None], cache=self.cache)        # (B, 1, C)
         self.pos = self.pos + 1
+        if self.session is not None:
+            self.session.ids.append(int(tokens[0]))
         return self.model.lm_logits(h[:, -1]).float()
 
     def select(self, index: torch.Tensor) -> None:
         self.cache.select(index)
         self.mask, self.pos = self.mask.index_select(0, index), self.pos.index_select(0, index)
+        self.mask4 = self.mask[:, None, None, :]
+
+
+class CompiledDecoderBatch(DecoderBatch):
+    """A DecoderBatch whose decode steps run one compiled function of fixed shapes (see compiled_step).
+
+    The cache spans the whole context; a step writes at the tensor `slot` and attends over the slots
+    written so far, under a 4-D mask that is False for padding. That key count is the one size that changes
+    per step: it is marked dynamic, so one compilation serves every step (attending over all context slots
+    instead would cost ~2x the attention at batch 8). The positions are tensors. Rows keep their place when
+    their sequence finishes (a smaller batch would be a new shape, so a new compilation): finished rows are
+    still computed, and only the live rows' logits are returned."""
+
+    def __init__(self, model: nn.Module, prompts: list[list[int]], step_fn, *, session: Session | None = None):
+        super().__init__(model, prompts, 0, slots=model.config.context_length, session=session)
+        self.step_fn = step_fn
+        self.mask[:, self.T:] = False        # slots after the prompt are unwritten until their step
+        self.slot = torch.tensor([self.T], device=self.mask.device)                  # (1,) next slot
+        self.pos = self.pos[:, None].contiguous()                                     # (B, 1)
+        self.rows: torch.Tensor | None = None    # live rows (batch indices), None = all
+        self.tokens = torch.zeros(len(prompts), 1, dtype=torch.long, device=self.mask.device)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.rows is None:
+            self.tokens[:, 0] = tokens
+        else:
+            self.tokens.index_copy_(0, self.rows, tokens[:, None])
+        self.mask.index_fill_(1, self.slot, True)
+        mask = self.mask4[..., : self.cache.pos + 1]
+        torch._dynamo.mark_dynamic(mask, 3)
+        try:
+            logits = self.step_fn(self.tokens, self.pos, self.slot, mask, self.cache.k, self.cache.v)
+        except torch._dynamo.exc.TorchDynamoException as e:  # compilation runs on the first call
+            raise GlassmindError(f"compiling the decode step failed ({type(e).__name__}); generate without "
+                                 "compile=True / --compile (is a C++ compiler installed?)") from e
+        self.pos += 1
+        self.slot += 1
+        self.cache.pos += 1
+        if self.session is not None:
+            self.session.ids.append(int(tokens[0]))
+        return logits if self.rows is None else logits.index_select(0, self.rows)
+
+    def select(self, index: torch.Tensor) -> None:
+        self.rows = index if self.rows is None else self.rows.index_select(0, index)
+
+
+def compiled_step(model: nn.Module):
+    """One decode step of a decoder, compiled with torch.compile (inductor) from outside the model.
+
+    (tokens (B, 1), positions (B, 1), slot (1,), mask (B, 1, 1, keys), k, v: per-layer cache buffers
+    (B, H_kv, max_len, D)) -> next-token logits (B, V) float. The caller marks `keys` dynamic; every other
+    shape is fixed, so it compiles once per batch size. `freezing` lets inductor treat the weights as
+    constants: the step must be rebuilt if the weights change. `cpp_wrapper` calls the kernels from
+    generated C++ rather than Python, which removes most of the per-op overhead at batch 1 on CPU."""
+
+    def step(tokens, positions, slot, mask, k, v):
+        cache = StaticKVCache(k, v, slot, mask.shape[-1])
+        h = model.decoder(model.token_embedding(tokens), positions, key_mask=mask, cache=cache)  # (B, 1, C)
+        return model.lm_logits(h[:, -1]).float()
+
+    return torch.compile(step, fullgraph=True, dynamic=False, options={"freezing": True, "cpp_wrapper": True})
 
 
 class Seq2SeqBatch:
@@ -235,32 +347,45 @@ class Engine:
     """Generation over one model. `decoder_start_token_id` is the first target token of an encoder-decoder
     (default: config.pad_token_id, as BART/T5/Marian do in transformers)."""
 
-    def __init__(self, model: nn.Module, *, decoder_start_token_id: int | None = None):
+    def __init__(self, model: nn.Module, *, decoder_start_token_id: int | None = None, compile: bool = False):
         self.model = model
         self.config = model.config
         self.decoder_start_token_id = (decoder_start_token_id if decoder_start_token_id is not None
                                        else self.config.pad_token_id)
         self.flops = FlopCounter(model) if self.config.arch != "encoder" else None
+        # compile=True: greedy/sample decode steps of a decoder run compiled_step (compiled on first use per
+        # batch size, which takes seconds to a minute); prefill, beam search and encoder-decoders stay eager
+        self._step = compiled_step(model) if compile and self.config.arch == "decoder" else None
+
+    def session(self) -> Session:
+        """A Session: pass it to generate/stream to keep one conversation's KV cache between calls."""
+        return Session()
 
     # -- public API --------------------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None
-                 ) -> list[GenerationResult]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None, *,
+                 session: Session | None = None) -> list[GenerationResult]:
         """Generate for every prompt (token id lists; for an encoder-decoder, the source ids); results in
-        prompt order."""
+        prompt order. With a `session` (one decoder prompt), reuse its kept KV cache (see Session)."""
         results: list[GenerationResult | None] = [None] * len(prompts)
-        for ev in self.stream(prompts, params):
+        for ev in self.stream(prompts, params, session=session):
             if ev.result is not None:
                 results[ev.index] = ev.result
         return results  # type: ignore[return-value]
 
-    def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None
-               ) -> Iterator[StreamEvent]:
+    def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None, *,
+               session: Session | None = None) -> Iterator[StreamEvent]:
         """Yield one StreamEvent per new token per sequence, as produced (sequences interleave). Beam search
         cannot know its output before it ends, so with strategy 'beam' each sequence's tokens come at once
         at the end. All arguments are checked before the first forward pass."""
         params = params or SamplingParams()
         prompts = self._check(prompts, params)
-        return self._run(prompts, params)
+        if session is not None:
+            if not isinstance(session, Session):
+                raise GlassmindError(f"session must come from Engine.session(), got {type(session).__name__}")
+            if self.config.arch != "decoder" or len(prompts) != 1:
+                raise GlassmindError("a session keeps one decoder conversation: pass exactly one prompt "
+                                     "(and use a decoder model)")
+        return self._run(prompts, params, session)
 
     def fill_mask(self, ids: Sequence[Sequence[int]], mask_token_id: int, k: int = 5
                   ) -> list[list[MaskPrediction]]:
@@ -358,19 +483,26 @@ class Engine:
             reasons.append("length" if params.max_new_tokens <= room else "context")
         return out, reasons
 
-    def _batch(self, prompts: list[list[int]], room: int):
+    def _batch(self, prompts: list[list[int]], room: int, params: SamplingParams, session: Session | None):
         if self.config.arch == "encoder-decoder":
             return Seq2SeqBatch(self.model, prompts, self.decoder_start_token_id, room)  # type: ignore[arg-type]
-        return DecoderBatch(self.model, prompts, room)
+        if params.strategy == "beam":  # beams are reordered copies of caches: nothing to keep, no fixed shape
+            if session is not None:
+                session.reset()
+            return DecoderBatch(self.model, prompts, room)
+        if self._step is not None:
+            return CompiledDecoderBatch(self.model, prompts, self._step, session=session)
+        return DecoderBatch(self.model, prompts, room, session=session)
 
     # -- the loop --------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _run(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[StreamEvent]:
+    def _run(self, prompts: list[list[int]], params: SamplingParams, session: Session | None = None
+             ) -> Iterator[StreamEvent]:
         with _eval(self.model):
             t0 = time.perf_counter()
             max_new, reasons = self._budget(prompts, params)
             # the cache holds the prompt and every new token but the last (which is never fed back)
-            batch = self._batch(prompts, max(max_new) - 1)
+            batch = self._batch(prompts, max(max_new) - 1, params, session)
             if params.strategy == "beam":
                 yield from self._beam(batch, prompts, params, max_new, reasons, t0)
             else:
@@ -395,7 +527,7 @@ class Engine:
         while True:
             scores = process(logits, params, seen)
             if greedy:
-                tok = scores.argmax(-1)                                                # (b,)
+                tok = scores.max(-1).indices  # (b,); the first maximum, as argmax, at half its CPU cost
             else:
                 tok = sample(scores, [gens[i] for i in alive])  # type: ignore[index]
             raw = logits.log_softmax(-1)  # the model's own distribution (faster on CPU than logsumexp)
@@ -414,7 +546,8 @@ class Engine:
                 reason = "stop" if n else (reasons[i] if len(o.ids) >= max_new[i] else None)
                 result = None
                 if reason is not None:
-                    result = self._result(prompts[i], o.ids, o.logprobs, o.tops, reason, n, t0, o.times)
+                    result = self._result(prompts[i], o.ids, o.logprobs, o.tops, reason, n, t0, o.times,
+                                          reused=getattr(batch, "reused", 0))
                 else:
                     keep.append(r)
                 yield StreamEvent(i, toks[r], lps[r], tops[r], reason, result)
@@ -443,15 +576,19 @@ class Engine:
                 yield StreamEvent(i, tok, best.logprobs[j], best.top_logprobs[j],
                                   best.finish_reason if last else None, result if last else None)
 
-    def _result(self, prompt, ids, logprobs, tops, reason, stop_len, t0, times) -> GenerationResult:
+    def _result(self, prompt, ids, logprobs, tops, reason, stop_len, t0, times, reused: int = 0
+                ) -> GenerationResult:
         n, L = len(ids), len(prompt)
+        prefill = self.flops.prefill(L)
+        if reused:  # a session's cached prefix was not recomputed: only tokens reused..L-1 were
+            prefill -= self.flops.prefill(reused) - self.flops.head
         gaps = [b - a for a, b in zip(times, times[1:])]
         total = times[-1] - t0
         m = Metrics(prompt_tokens=L, new_tokens=n, ttft_s=times[0] - t0, total_s=total,
                     itl_mean_s=statistics.fmean(gaps) if gaps else None,
                     itl_p50_s=_percentile(gaps, 50), itl_p95_s=_percentile(gaps, 95),
                     tokens_per_s=n / total if total > 0 else math.inf,
-                    prefill_flops=self.flops.prefill(L), decode_flops=self.flops.decode(L, n - 1))
+                    prefill_flops=prefill, decode_flops=self.flops.decode(L, n - 1))
         return GenerationResult(list(prompt), list(ids), list(logprobs), list(tops), reason, stop_len, m)
 
 
@@ -490,7 +627,11 @@ class _eval:
 
     def __enter__(self):
         self.was_training = self.model.training
-        self.model.eval()
+        # train(mode) sets every submodule's flag (~0.5 ms on the 4-layer model): only when one is training
+        self.switched = any(m.training for m in self.model.modules())
+        if self.switched:
+            self.model.eval()
 
     def __exit__(self, *exc):
-        self.model.train(self.was_training)
+        if self.switched:
+            self.model.train(self.was_training)

@@ -60,3 +60,30 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
         self.cross = [None] * len(self.cross)
+
+
+class StaticKVCache:
+    """A KVCache's buffers seen with shapes that never change, for a compiled decode step.
+
+    `update` writes the new keys/values (B, H_kv, T_new, D) at the slots held in the tensor `index` (T_new,)
+    and returns the buffers' first `n_keys` slots (B, H_kv, n_keys, D) (all of them if None); the caller
+    passes a 4-D attention mask over those slots and explicit positions. Nothing the model reads from it is
+    a Python number that changes per token (n_keys comes from the mask's shape, which a compiled step marks
+    dynamic), so the step compiles once. `pos` stays 0: the model reads it only to build masks and default
+    positions, which the caller supplies.
+    """
+
+    pos = 0
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], index: torch.Tensor,
+                 n_keys: int | None = None):
+        self.k, self.v, self.index, self.n_keys = k, v, index, n_keys
+        self.cross: list = [None] * len(k)
+
+    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer].index_copy_(2, self.index, k_new)
+        self.v[layer].index_copy_(2, self.index, v_new)
+        return self.k[layer][:, :, : self.n_keys], self.v[layer][:, :, : self.n_keys]
+
+    def advance(self, n: int) -> None:
+        pass  # the caller moves `index` and the mask

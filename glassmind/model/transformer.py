@@ -449,7 +449,12 @@ def attention_mask(T: int, past: int, key_mask: torch.Tensor | None, *, causal: 
     Query t (absolute position past+t) sees keys <= past+t when causal, and never a padding key. A row that
     would see no key at all (a left-padding query) is allowed its own position, so softmax stays finite;
     such rows are padding and nobody reads them.
+
+    A 4-D key_mask (B or 1, 1, T, Tk) is taken as the finished mask: a caller that decodes many steps (the
+    inference engine) builds it once instead of per token, or attends over a fixed-size cache.
     """
+    if key_mask is not None and key_mask.dim() == 4:
+        return key_mask
     if not causal and key_mask is None:
         return None
     if causal and key_mask is None and (past == 0 or T == 1):
@@ -474,7 +479,7 @@ def default_positions(ids: torch.Tensor, cache: Any, key_mask: torch.Tensor | No
     left-padded prompt starts at 0), else past + arange(T)."""
     B, T = ids.shape
     past = cache.pos if cache is not None else 0
-    if key_mask is not None and key_mask.shape[-1] == past + T:
+    if key_mask is not None and key_mask.dim() == 2 and key_mask.shape[-1] == past + T:
         pos = key_mask.long().cumsum(-1) - 1                                          # (B, past+T)
         return pos[:, past:].clamp(min=0)
     return (past + torch.arange(T, device=ids.device)).expand(B, T)

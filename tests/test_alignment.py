@@ -9,6 +9,7 @@ that the checkpoint writer's test hook SIGKILLs in the middle of writing a check
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -243,6 +244,103 @@ def test_ppo_adaptive_kl_and_k3(sft_run, rm_run, root):
                              "10") + ["--steps", "2"]) == 0
     coefs = [r["kl_coef"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "kl_coef" in r]
     assert coefs[0] == 0.05 and coefs[1] != 0.05  # adapted after step 1
+
+
+def _ppo_parts(sft_run, rm_run):
+    policy, _, fmt = sft.load_chat_run(sft_run)
+    ref = ppo.frozen(copy.deepcopy(policy))
+    rm = ppo.frozen(reward.load_reward_model(rm_run))
+    return ppo.PolicyWithValue(policy, ppo.zero_value_head(policy.config.d_model)), ref, rm, fmt
+
+
+def test_ppo_value_warmup_moves_only_the_value_head(sft_run, rm_run):
+    torch.set_num_threads(1)
+    model, ref, rm, fmt = _ppo_parts(sft_run, rm_run)
+    before = copy.deepcopy(model.policy.state_dict())
+    cfg = ppo.PPOConfig(policy=str(sft_run), reward=str(rm_run), rollouts=4, minibatch=2, max_new_tokens=4,
+                        ppo_epochs=2, value_warmup_steps=1)
+    from glassmind.train.optim import adamw
+
+    opt = adamw(model, lr=1e-2, weight_decay=0.0)
+    kl_ctl, moments = rl.KLController(0.05, None, 10000), rl.RunningMoments()
+    ppo.ppo_step(cfg, 0, model, ref, rm, fmt, opt, kl_ctl, moments, None)
+    assert all(torch.equal(v, before[k]) for k, v in model.policy.state_dict().items())
+    assert float(model.value_head.proj.weight.abs().sum()) > 0
+    ppo.ppo_step(cfg, 1, model, ref, rm, fmt, opt, kl_ctl, moments, None)  # warmup over: the policy moves
+    assert not all(torch.equal(v, before[k]) for k, v in model.policy.state_dict().items())
+    with pytest.raises(GlassmindError, match="value-warmup-steps"):
+        ppo.check(dataclasses.replace(cfg, steps=1))
+
+
+def test_ppo_truncation_penalty_marks_down_cut_replies(sft_run, rm_run):
+    """max_new_tokens 1: most replies are cut before <|end|>; the penalty comes off exactly those."""
+    torch.set_num_threads(1)
+    rows = []
+    for penalty in (0.0, 5.0):
+        model, ref, rm, fmt = _ppo_parts(sft_run, rm_run)
+        cfg = ppo.PPOConfig(policy=str(sft_run), reward=str(rm_run), rollouts=8, minibatch=4, max_new_tokens=1,
+                            ppo_epochs=1, truncation_penalty=penalty)
+        from glassmind.train.optim import adamw
+
+        rows.append(ppo.ppo_step(cfg, 0, model, ref, rm, fmt, adamw(model, lr=1e-3, weight_decay=0.0),
+                                 rl.KLController(0.05, None, 10000), rl.RunningMoments(), None))
+    assert rows[0]["truncated"] == rows[1]["truncated"] > 0
+    assert rows[0]["reward"] == rows[1]["reward"]  # the RM's own scores are logged untouched
+    assert rows[1]["reward_normalised"] == pytest.approx(rows[0]["reward_normalised"] - 5.0 * rows[0]["truncated"],
+                                                         abs=1e-5)
+
+
+def test_ppo_samples_per_prompt_with_leave_one_out_baseline(sft_run, rm_run, monkeypatch):
+    """k replies per prompt: the rollouts hold each prompt k times in a row, and the RM scores enter the
+    rewards centred on the other replies to the same prompt."""
+    torch.set_num_threads(1)
+    model, ref, rm, fmt = _ppo_parts(sft_run, rm_run)
+    cfg = ppo.PPOConfig(policy=str(sft_run), reward=str(rm_run), rollouts=6, minibatch=3, max_new_tokens=3,
+                        ppo_epochs=1, samples_per_prompt=3, prompt_baseline=True, reward_norm=False)
+    seen = {}
+    real_rollout, real_loo = ppo.rollout, rl.leave_one_out
+
+    def spy_rollout(policy, fmt_, messages, examples, **kw):
+        seen["prompts"] = [m[0]["content"] for m in messages]
+        return real_rollout(policy, fmt_, messages, examples, **kw)
+
+    def spy_loo(scores, k):
+        seen["scores"], out = scores, real_loo(scores, k)
+        seen["centred"] = out
+        return out
+
+    monkeypatch.setattr(ppo, "rollout", spy_rollout)
+    monkeypatch.setattr(rl, "leave_one_out", spy_loo)
+    from glassmind.train.optim import adamw
+
+    row = ppo.ppo_step(cfg, 0, model, ref, rm, fmt, adamw(model, lr=1e-3, weight_decay=0.0),
+                       rl.KLController(0.05, None, 10000), rl.RunningMoments(), None)
+    p = seen["prompts"]
+    assert len(p) == 6 and p[0] == p[1] == p[2] and p[3] == p[4] == p[5]
+    assert row["reward"] == pytest.approx(float(seen["scores"].mean()))
+    assert row["reward_normalised"] == pytest.approx(float(seen["centred"].mean()), abs=1e-6)
+    for bad in (dict(samples_per_prompt=4), dict(samples_per_prompt=1)):
+        with pytest.raises(GlassmindError, match="samples-per-prompt"):
+            ppo.check(dataclasses.replace(cfg, **bad))
+
+
+def test_align_demo_stage_tiny_reports_every_column_and_the_reward_model(base, root):
+    """The demo's alignment stage end to end at the smoke-test budget: on-policy reward data, the four
+    columns of the table, and the reward model measured on the policy's own samples."""
+    from glassmind.train import align_demo
+
+    torch.set_num_threads(1)
+    out = root / "demo"
+    res = align_demo.demo_stage(base, out, budget="tiny")
+    assert set(res["accuracy"]) == {"base (3-shot)", "SFT", "PPO", "DPO"}
+    assert all(set(col) == {"all", *T.TASKS} for col in res["accuracy"].values())
+    rm = res["reward_model"]
+    assert 0.0 <= rm["builtin_pairwise_acc"] <= 1.0 and {"greedy", "sample", "pass@2", "best_of_2"} <= set(rm)
+    assert rm["pass@2"] >= max(rm["sample"], rm["best_of_2"])  # any of 2 is right whenever the picked one is
+    prefs = T.read_preferences_jsonl(out / "reward-data.jsonl")
+    assert len(prefs) >= align_demo.BUDGETS["tiny"]["reward_data"]["n_builtin"]
+    assert "best of 2 by the reward model" in (out / "alignment.md").read_text()
+    assert set(res["stage_seconds"]) == set(res["stage_cpu_seconds"]) == {"sft", "reward_data", "reward", "ppo", "dpo"}
 
 
 # ------------------------------------------------------------------------------------------------ dpo, grpo

@@ -288,3 +288,10 @@ def test_dpo_loss_by_hand():
     # policy == reference: margin 0, loss ln 2
     loss, _ = rl.dpo_loss(*(torch.tensor([-1.5]),) * 4)
     assert float(loss) == pytest.approx(math.log(2))
+
+
+def test_leave_one_out_baseline_by_hand():
+    scores = torch.tensor([1.0, 2.0, 6.0, 10.0, 10.0, 10.0])
+    # group (1, 2, 6): 1 - 4, 2 - 3.5, 6 - 1.5; a group that all scored the same gets 0
+    assert torch.allclose(rl.leave_one_out(scores, 3), torch.tensor([-3.0, -1.5, 4.5, 0.0, 0.0, 0.0]))
+    assert torch.equal(rl.leave_one_out(torch.tensor([3.0, 5.0]), 2), torch.tensor([-2.0, 2.0]))

@@ -108,6 +108,33 @@ def test_builtin_preferences_follow_the_rule():
     assert len(held) == 30 and all(T.is_heldout(p.example.key) for p in held)
 
 
+def test_dev_split_is_heldout_and_disjoint_from_the_report():
+    """Tuning prompts: held out from training, and never among the first `skip` per task that a report uses."""
+    report = {e.key for e in T.heldout_examples(50)}
+    dev = T.dev_examples(100)
+    assert dev and all(T.is_heldout(e.key) for e in dev)
+    assert not report & {e.key for e in dev}
+    assert {e.task for e in dev} == {"add", "compare", "count"}  # the small pools have nothing past 50
+    assert {e.key for e in T.dev_examples(5, skip=0)} <= {e.key for e in T.heldout_examples(5)}
+    assert T.dev_examples(100) == dev
+
+
+def test_sampled_replies_ranked_by_the_rule():
+    """correct (0) > ended and well formed (1) > truncated or another form (2); duplicates merge; all-tied
+    samples give no ranking."""
+    add = next(e for e in T.pool("add") if e.key == "add:3+4")
+    rev = next(e for e in T.pool("reverse") if e.key == "reverse:apple")
+    assert T.rank_samples(add, ["7", "8", "8", "seven", " 7 ", "12"], [True, True, False, True, True, True]) == \
+        [0, 1, 2, 2, 0, 1]
+    assert T.rank_samples(rev, ["elppa", "elpa", "el ppa", "elpp4"], [True] * 4) == [0, 1, 2, 2]
+    assert T.rank_samples(add, ["7"], [False]) == [0]  # the verifier decides correctness, cut or not
+    p = T.sampled_preference(add, ["8", "7", "8", "x", "7"], [True] * 5)
+    assert p.responses == ["8", "7", "x"] and p.ranks == [1, 0, 2] and p.example is add
+    assert p.pairs() == [(0, 2), (1, 0), (1, 2)]
+    assert T.sampled_preference(add, ["8", "9", "9"], [True] * 3) is None
+    assert T.sampled_preference(add, ["7", "7"], [True, True]) is None
+
+
 # ------------------------------------------------------------------------------------------ user data
 
 

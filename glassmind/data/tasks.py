@@ -241,6 +241,20 @@ def heldout_examples(per_task: int, tasks: Iterable[str] | None = None, world_se
     return out
 
 
+def dev_examples(per_task: int, tasks: Iterable[str] | None = None, world_seed: int = 0, *,
+                 skip: int = 50) -> list[Example]:
+    """Held-out prompts for tuning: per task those that come after the first `skip` in `heldout_examples`'s
+    order, so they never overlap a report made with `heldout_examples(skip)`. Small pools (reverse 9, sort 12,
+    world 24 held out) have none past 50: a dev split exists for add, compare and count only."""
+    tasks = _check_tasks(tasks)
+    chosen = {t: sorted(split_pool(t, "heldout", world_seed), key=lambda e: _unit_hash(e.key))[skip:skip + per_task]
+              for t in tasks}
+    out = []
+    for i in range(max(len(v) for v in chosen.values())):
+        out += [chosen[t][i] for t in tasks if i < len(chosen[t])]
+    return out
+
+
 # ======================================================================================================
 # 4. Preferences
 # ======================================================================================================
@@ -306,6 +320,40 @@ def preference_for(e: Example, rng: random.Random) -> Preference:
     rng.shuffle(order)
     return Preference(prompt=[{"role": "user", "content": e.prompt}], responses=[replies[i] for i in order],
                       ranks=[RANKS[i] for i in order], example=e)
+
+
+# The ranking rule of sampled (on-policy) replies, where the correct reply is not known to be among them:
+#   0  correct       the verifier accepts it
+#   1  well formed   ended with <|end|> and has the answer's form (digits for a number, one word for a word)
+#   2  the rest      truncated by the token limit, or in another form
+# Equal ranks tie. Why: the policy's own mistakes are what a reward model must tell apart during RL; a
+# hand-made near miss is only one kind of them. The form tier keeps the "answer the question as asked" signal
+# when every sample is wrong.
+SAMPLE_RANK_RULE = ("correct", "well_formed", "other")
+
+
+def well_formed(e: Example, reply: str) -> bool:
+    """Whether `reply` has the answer's form: digits for a numeric answer, else a single word of letters."""
+    r = reply.strip()
+    return r.isdigit() if e.answer.isdigit() else (r.isalpha() and r.isascii())
+
+
+def rank_samples(e: Example, replies: Sequence[str], ended: Sequence[bool]) -> list[int]:
+    """Ranks (0 best) of sampled replies to `e` by SAMPLE_RANK_RULE; `ended[i]`: reply i closed with <|end|>."""
+    return [0 if verify(e, r) else 1 if (done and well_formed(e, r)) else 2 for r, done in zip(replies, ended)]
+
+
+def sampled_preference(e: Example, replies: Sequence[str], ended: Sequence[bool]) -> Preference | None:
+    """A ranking of distinct sampled replies (duplicates merged: the first one's `ended` counts), or None when
+    they all tie (no pair to learn from)."""
+    seen: dict[str, bool] = {}
+    for r, done in zip(replies, ended):
+        seen.setdefault(r, done)
+    uniq = list(seen)
+    ranks = rank_samples(e, uniq, [seen[r] for r in uniq])
+    if len(set(ranks)) < 2:
+        return None
+    return Preference(prompt=[{"role": "user", "content": e.prompt}], responses=uniq, ranks=ranks, example=e)
 
 
 def builtin_preferences(split: str, n: int, seed: int = 0, tasks: Iterable[str] | None = None,

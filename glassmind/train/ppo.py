@@ -4,6 +4,7 @@
     2. rollouts      prompts -> replies sampled through the inference engine (seeded per step) -> a batch
     3. scoring       old log-probs, values, reference log-probs, reward-model scores, all without gradient
     4. rewards       r_t = -beta * KL_t on every reply token, + the normalised RM score on the last one
+                     (minus truncation_penalty when the reply was cut before <|end|>)
     5. advantages    GAE over the reply tokens, whitened
     6. the update    several epochs of minibatches: clipped policy loss + vf_coef * clipped value loss
     7. the loop      log every step (reward, KL, entropy, clip fraction, value loss, approx-KL, length,
@@ -18,7 +19,9 @@ much as the policy's, and with a shared trunk one forward pass gives both log-pr
 that value-loss gradients also move the policy's features; vf_coef (0.1) and the value clip keep that small.
 InstructGPT used a separate value model initialised from the reward model, which is the better choice when
 compute allows (the value starts out knowing what the reward model likes). The head starts at zero, so the
-first advantages are the returns themselves.
+first advantages are the returns themselves: with value_warmup_steps > 0 the first steps fit the head alone
+(policy frozen), because most of the variance of an RM score is the prompt's, not the reply's (measured on the
+demo: 4/5 of it), and an advantage without that baseline mostly says which prompt was drawn.
 
 Rollouts sampled at temperature T come from softmax(logits / T), so every log-prob (old, new, reference) is
 computed at that same T: the ratio and the KL are those of the policy that acted.
@@ -88,7 +91,15 @@ class PPOConfig:
     clip: float = config_field(0.2, "policy ratio clip epsilon")
     vf_clip: float = config_field(0.2, "value clip")
     vf_coef: float = config_field(0.1, "weight of the value loss")
+    value_warmup_steps: int = config_field(0, "first N steps train the value head alone (policy frozen, no "
+                                              "value clip), so advantages start from a baseline, not from 0")
+    value_warmup_lr: float = config_field(3e-3, "learning rate of the value head during the value warmup")
     reward_norm: bool = config_field(True, "normalise RM scores by their running mean and std")
+    samples_per_prompt: int = config_field(1, "replies sampled per prompt (rollouts / this = prompts per step)")
+    prompt_baseline: bool = config_field(False, "subtract from each RM score the mean score of its prompt's "
+                                                "replies (needs --samples-per-prompt > 1)")
+    truncation_penalty: float = config_field(0.0, "subtracted from the (normalised) score of a reply cut by "
+                                                  "--max-new-tokens before it wrote <|end|>")
     whiten_advantages: bool = config_field(True, "normalise advantages to mean 0, std 1 per batch")
     grad_clip: float = config_field(1.0, "clip the global gradient norm (0: off)")
     seed: int = config_field(0, "seed for prompts, sampling and minibatch order")
@@ -106,6 +117,12 @@ def check(cfg: PPOConfig) -> None:
     for name in ("steps", "rollouts", "max_new_tokens", "ppo_epochs", "minibatch"):
         if getattr(cfg, name) <= 0:
             raise GlassmindError(f"--{name.replace('_', '-')} must be positive")
+    if not 0 <= cfg.value_warmup_steps < cfg.steps:
+        raise GlassmindError(f"--value-warmup-steps must be in [0, --steps {cfg.steps})")
+    if cfg.samples_per_prompt <= 0 or cfg.rollouts % cfg.samples_per_prompt:
+        raise GlassmindError(f"--rollouts {cfg.rollouts} must be a multiple of --samples-per-prompt")
+    if cfg.prompt_baseline and cfg.samples_per_prompt < 2:
+        raise GlassmindError("--prompt-baseline needs --samples-per-prompt of at least 2")
     if cfg.rollouts % cfg.minibatch:
         raise GlassmindError(f"--rollouts {cfg.rollouts} must be a multiple of --minibatch {cfg.minibatch}")
     if cfg.kl_coef < 0:
@@ -168,6 +185,7 @@ class Rollouts:
     replies: list[str]
     examples: list           # task_lib.Example or None per row
     lengths: torch.Tensor    # (B,) reply tokens
+    ended: torch.Tensor      # (B,) bool: the reply closed with <|end|> (False: cut by the token limit)
 
 
 def rollout(model: nn.Module, fmt: ChatFormat, messages: Sequence[list[dict]], examples: list, *, max_new_tokens: int,
@@ -176,7 +194,8 @@ def rollout(model: nn.Module, fmt: ChatFormat, messages: Sequence[list[dict]], e
     replies = generate(model, prompts, fmt.end_id, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     ids, attn, actions = rl.rollout_batch(prompts, replies, fmt.pad_id, fmt.end_id)
     return Rollouts(ids, attn, actions, [fmt.parse_reply(r) for r in replies], list(examples),
-                    torch.tensor([len(r) for r in replies], dtype=torch.float32))
+                    torch.tensor([len(r) for r in replies], dtype=torch.float32),
+                    torch.tensor([fmt.end_id in r for r in replies], dtype=torch.bool))
 
 
 def verifier_accuracy(r: Rollouts) -> float | None:
@@ -190,11 +209,13 @@ def minibatch_order(seed: int, step: int, epoch: int, n: int, size: int) -> list
 
 
 def policy_forward(model: PolicyWithValue, ids: torch.Tensor, attn: torch.Tensor, *, with_entropy: bool = False,
-                   temperature: float = 1.0):
+                   temperature: float = 1.0, value_only: bool = False):
     """(logprob (b, T-1), values (b, T-1) or None, entropy or None) in one pass over the shared trunk. The
     value at position t is V(prefix up to token t), the state in which action t (token t+1) is taken."""
     hidden, logp, ent = rl.forward_logprobs(model.policy, ids, attn, with_entropy=with_entropy,
                                             temperature=temperature)
+    if value_only:  # value warmup: the value loss may move the head only, not the policy's trunk
+        hidden = hidden.detach()
     values = model.value_head(hidden[:, :-1]) if model.value_head is not None else None
     return logp, values, ent
 
@@ -241,7 +262,9 @@ def frozen(model: nn.Module) -> nn.Module:
 def ppo_step(cfg: PPOConfig, step: int, model: PolicyWithValue, ref: nn.Module, rm: nn.Module, fmt: ChatFormat,
              optimizer, kl_ctl: rl.KLController, moments: rl.RunningMoments, user_prompts) -> dict:
     """Rollouts, scoring, rewards, GAE and `ppo_epochs` epochs of clipped updates. Returns the step's stats."""
-    messages, examples = step_prompts(cfg, step, cfg.rollouts, user_prompts)
+    k = cfg.samples_per_prompt
+    messages, examples = step_prompts(cfg, step, cfg.rollouts // k, user_prompts)
+    messages, examples = [m for m in messages for _ in range(k)], [e for e in examples for _ in range(k)]
     model.eval()  # no dropout anywhere in RL: the ratio must compare the same function
     r = rollout(model.policy, fmt, messages, examples, max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature, seed=sample_seed(cfg.seed, step))
@@ -255,11 +278,21 @@ def ppo_step(cfg: PPOConfig, step: int, model: PolicyWithValue, ref: nn.Module, 
 
     # -- 4. rewards: KL penalty on every reply token, the (normalised) score on the last -----------------
     kl = rl.kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * act                  # (B, T-1)
-    if cfg.reward_norm:
-        moments.update(scores)
-        final = moments.normalise(scores)
+    if cfg.prompt_baseline:
+        # most of an RM score's variance is the prompt's (4/5 on the demo); the mean over the same prompt's
+        # other replies removes it before the value head has to (as RLOO / GRPO do, here with the critic kept)
+        centred = rl.leave_one_out(scores, k)
     else:
-        final = scores
+        centred = scores
+    if cfg.reward_norm:
+        moments.update(centred)
+        final = moments.normalise(centred)
+    else:
+        final = centred
+    if cfg.truncation_penalty:
+        # the reward model only ever saw replies closed by <|end|>; one cut short is scored off its training
+        # distribution, so it is marked down instead of trusted
+        final = final - cfg.truncation_penalty * (~r.ended).float()
     beta = kl_ctl.value
     rewards = -beta * kl + rl.place_at_last(final, r.actions)
 
@@ -273,15 +306,20 @@ def ppo_step(cfg: PPOConfig, step: int, model: PolicyWithValue, ref: nn.Module, 
                                      "vf_clipfrac": []}
     ratio_first = None
     params = [p for p in model.parameters() if p.requires_grad]
+    # Value warmup (the value head starts at 0, so until it has learnt which prompts score high, an advantage
+    # is mostly "this prompt is easy", not "this reply was good"): fit the head alone on frozen features.
+    warmup = step < cfg.value_warmup_steps
     for order in orders:
         for idx in order:
-            logp, v, _ = policy_forward(model, r.ids[idx], r.attn[idx], temperature=cfg.temperature)
+            logp, v, _ = policy_forward(model, r.ids[idx], r.attn[idx], temperature=cfg.temperature,
+                                        value_only=warmup)
             mask = r.actions[idx]
             pg_loss, pg_stats = rl.ppo_policy_loss(logp, old_logp[idx], advantages[idx], mask, cfg.clip)
-            vf_loss, vf_stats = rl.ppo_value_loss(v, values[idx], returns[idx], mask, cfg.vf_clip)
+            vf_loss, vf_stats = rl.ppo_value_loss(v, values[idx], returns[idx], mask,
+                                                  math.inf if warmup else cfg.vf_clip)
             if ratio_first is None:
                 ratio_first = pg_stats["ratio"]
-            loss = pg_loss + cfg.vf_coef * vf_loss
+            loss = vf_loss if warmup else pg_loss + cfg.vf_coef * vf_loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             optimizer.step()
@@ -295,7 +333,8 @@ def ppo_step(cfg: PPOConfig, step: int, model: PolicyWithValue, ref: nn.Module, 
     kl_ctl.update(float(seq_kl), cfg.rollouts)
     row = {"reward": float(scores.mean()), "reward_normalised": float(final.mean()),
            "kl": float(seq_kl), "kl_coef": beta, "entropy": float(rl.masked_mean(ent, r.actions)),
-           "response_length": float(r.lengths.mean()), "ratio_first": ratio_first,
+           "response_length": float(r.lengths.mean()), "truncated": float((~r.ended).float().mean()),
+           "ratio_first": ratio_first,
            **{k: sum(v) / len(v) for k, v in stats.items()}}
     acc = verifier_accuracy(r)
     if acc is not None:
@@ -351,7 +390,11 @@ def ppo(cfg: PPOConfig) -> dict:
         log.log(first)
     while step < cfg.steps:
         t0 = time.perf_counter()
-        lr = lr_at(step, max_lr=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, decay="constant")
+        if step < cfg.value_warmup_steps:  # only the head has gradients then, so only it moves
+            lr = cfg.value_warmup_lr
+        else:
+            lr = lr_at(step - cfg.value_warmup_steps, max_lr=cfg.lr, total_steps=cfg.steps - cfg.value_warmup_steps,
+                       warmup_steps=cfg.warmup_steps, decay="constant")
         set_lr(optimizer, lr)
         row = ppo_step(cfg, step, model, ref, rm, fmt, optimizer, kl_ctl, moments, user_prompts)
         step += 1

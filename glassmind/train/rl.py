@@ -232,6 +232,13 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (rewards - mean) / (std + eps)
 
 
+def leave_one_out(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores (B,) in consecutive groups of k replies to one prompt -> each score minus the mean of the other
+    k-1 of its group (RLOO, Ahmadian et al. 2024): a baseline per prompt that does not use the reply itself."""
+    groups = scores.view(-1, k)
+    return (groups - (groups.sum(-1, keepdim=True) - groups) / (k - 1)).view(-1)
+
+
 class RunningMoments:
     """Mean and std of every value seen so far (Chan et al. 1979 parallel update), for reward normalisation:
     PPO's rewards are (score - mean) / std so that the KL coefficient means the same thing whatever scale the

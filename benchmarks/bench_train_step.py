@@ -5,9 +5,16 @@ vocab 8192, 4 layers, 4 heads, d_model 256 (GPT-2's architecture: learned positi
 tanh-GELU, tied embeddings, biases, no dropout). Both run in fp32 and under bf16 autocast, alternating
 step by step in one process so that load on the machine hits both alike. Prints medians, the ratio
 (HF time / ours: > 1 means ours is faster), and MFU against this machine's measured matmul rate of the same
-dtype (`glassmind.train.metrics.measure_matmul_flops`).
+dtype (`glassmind.train.metrics.measure_matmul_flops`), and the same ratios of process CPU time (all threads),
+which load from other jobs disturbs less than wall time.
 
-    python benchmarks/bench_train_step.py [--steps 12] [--threads N] [--profile]
+Each side computes its loss the way its users do: HF through `model(ids, labels=ids)` (it shifts the labels
+itself), ours as `glassmind pretrain --fused-loss auto` does: under bf16 the fused output projection and
+cross-entropy (`objectives.linear_cross_entropy` on the final hidden states, no full fp32 logits), in fp32
+F.cross_entropy on materialised logits (the path the golden losses pin). `--ours-loss fused|logits` forces
+one of the two in both dtypes.
+
+    python benchmarks/bench_train_step.py [--steps 12] [--threads N] [--ours-loss auto|fused|logits] [--profile]
 
 `--profile` adds a torch.profiler table of the top ops for each model (bf16), to see what dominates.
 """
@@ -24,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.nn.functional as F
 
+from glassmind.data.objectives import linear_cross_entropy
 from glassmind.model import ModelConfig, Transformer
 from glassmind.train.metrics import measure_matmul_flops
 
@@ -48,18 +56,21 @@ def hf() -> torch.nn.Module:
     return GPT2LMHeadModel(cfg)
 
 
-def logits_of(model, x):
-    out = model(x)
-    return out.logits if hasattr(out, "logits") else out
+def loss_of(model, x, y, ours_loss, dtype):
+    """x (B, T) inputs, y (B, T) next tokens -> mean loss, under the caller's autocast."""
+    if isinstance(model, Transformer):
+        if ours_loss == "fused" or (ours_loss == "auto" and dtype == torch.bfloat16):  # the head is tied
+            return linear_cross_entropy(model.features(x), model.token_embedding.weight, y, model.lm_bias)
+        return F.cross_entropy(model(x).float().view(-1, VOCAB), y.view(-1))  # (B*T, V) fp32 logits
+    return model(x, labels=x).loss  # HF shifts the labels itself: T - 1 targets per row, the last ignored
 
 
-def make_step(model, dtype):
+def make_step(model, dtype, ours_loss="auto"):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)  # same for both
 
     def step(x, y):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            logits = logits_of(model, x)                                         # (B, T, V)
-        loss = F.cross_entropy(logits.float().view(-1, VOCAB), y.view(-1))
+            loss = loss_of(model, x, y, ours_loss, dtype)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -73,6 +84,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="timed steps per model and dtype")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--ours-loss", choices=("auto", "fused", "logits"), default="auto",
+                    help="ours: as pretrain's --fused-loss auto (fused under bf16), the fused output projection "
+                         "+ cross-entropy in both dtypes, or fp32 logits then F.cross_entropy in both")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -92,17 +106,20 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         peak = measure_matmul_flops(dtype, "cpu", n=1024, seconds=1.0)
         models = {"glassmind": ours(), "hf_gpt2": hf()}
-        steps = {name: make_step(m, dtype) for name, m in models.items()}
+        steps = {name: make_step(m, dtype, args.ours_loss) for name, m in models.items()}
         times = {name: [] for name in models}
+        cpu = {name: [] for name in models}  # process CPU time, all threads
         for i in range(args.warmup + args.steps):
             order = list(models) if i % 2 == 0 else list(reversed(models))  # alternate who goes first
             for name in order:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 steps[name](inputs, targets)
-                dt = time.perf_counter() - t0
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
                 if i >= args.warmup:
                     times[name].append(dt)
+                    cpu[name].append(dc)
         med = {name: statistics.median(t) for name, t in times.items()}
+        med_cpu = {name: statistics.median(t) for name, t in cpu.items()}
         for name in models:
             tps = tokens / med[name]
             rows.append((str(dtype).replace("torch.", ""), name, med[name] * 1e3, tps,
@@ -110,10 +127,13 @@ def main() -> None:
         ratio = med["hf_gpt2"] / med["glassmind"]
         # each HF step over the ours step timed next to it: robust to load that drifts during the run
         paired = statistics.median(h / o for h, o in zip(times["hf_gpt2"], times["glassmind"]))
-        ratios.append((str(dtype).replace("torch.", ""), ratio, paired))
+        cpu_ratio = med_cpu["hf_gpt2"] / med_cpu["glassmind"]
+        cpu_paired = statistics.median(h / o for h, o in zip(cpu["hf_gpt2"], cpu["glassmind"]))
+        ratios.append((str(dtype).replace("torch.", ""), ratio, paired, cpu_ratio, cpu_paired))
         print(f"{dtype}: glassmind {med['glassmind'] * 1e3:.1f} ms, hf {med['hf_gpt2'] * 1e3:.1f} ms, "
-              f"ratio of medians (hf/ours) {ratio:.3f}x, median paired ratio {paired:.3f}x, "
-              f"matmul peak {peak / 1e9:.1f} GFLOP/s")
+              f"ratio of medians (hf/ours) {ratio:.3f}x, median paired ratio {paired:.3f}x; CPU time "
+              f"{med_cpu['glassmind'] * 1e3:.1f} vs {med_cpu['hf_gpt2'] * 1e3:.1f} ms, ratio {cpu_ratio:.3f}x, "
+              f"paired {cpu_paired:.3f}x; matmul peak {peak / 1e9:.1f} GFLOP/s")
         if args.profile and dtype == torch.bfloat16:
             from torch.profiler import ProfilerActivity, profile
 
@@ -128,10 +148,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for dtype, name, ms, tps, mfu, peak in rows:
         print(f"| {dtype} | {name} | {ms:.1f} | {tps:,.0f} | {mfu:.1%} | {peak / 1e9:.1f} |")
-    print("\n| dtype | HF time / ours (ratio of medians) | median paired ratio |")
-    print("|---|---|---|")
-    for dtype, ratio, paired in ratios:
-        print(f"| {dtype} | {ratio:.3f}x | {paired:.3f}x |")
+    print(f"\nours: {args.ours_loss} loss; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("| dtype | HF time / ours (ratio of medians) | median paired ratio | CPU time: ratio of medians | "
+          "CPU time: median paired ratio |")
+    print("|---|---|---|---|---|")
+    for dtype, ratio, paired, cpu_ratio, cpu_paired in ratios:
+        print(f"| {dtype} | {ratio:.3f}x | {paired:.3f}x | {cpu_ratio:.3f}x | {cpu_paired:.3f}x |")
 
 
 if __name__ == "__main__":

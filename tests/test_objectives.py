@@ -165,3 +165,170 @@ def test_span_lengths_for_context_fill_the_context():
 def test_span_corruption_needs_enough_sentinels():
     with pytest.raises(ValueError, match="sentinel"):
         obj.span_corrupt(torch.zeros(1, 100, dtype=torch.long), sentinel_ids=[1, 2], start_id=0, end_id=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the fused output projection + cross-entropy (linear_cross_entropy)
+
+
+def _lce_problem(N=100, C=24, V=50, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, C, generator=g)
+    weight = torch.randn(V, C, generator=g) * 0.3
+    b = torch.randn(V, generator=g) if bias else None
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[::7] = IGNORE_INDEX
+    return hidden, weight, b, targets
+
+
+def _loss_and_grads(loss_fn, hidden, weight, bias, targets, *, autocast=False, dtype=None, scale=0.5):
+    """Loss and gradients (hidden, weight[, bias]) of `scale * loss` (a caller's 1/accum reaches backward)."""
+    leaves = [x.detach().to(dtype or x.dtype).requires_grad_() for x in (hidden, weight, bias) if x is not None]
+    h, w, b = (leaves + [None])[:3]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = loss_fn(h, w, b, targets)
+    (scale * loss).backward()
+    return [loss.detach().double()] + [x.grad.double() for x in leaves]
+
+
+def _materialised(h, w, b, t):
+    return obj.cross_entropy(torch.nn.functional.linear(h, w, b), t)
+
+
+def _fused(chunk_rows):
+    return lambda h, w, b, t: obj.linear_cross_entropy(h, w, t, b, chunk_rows=chunk_rows)
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 1000])  # 7 and 64 do not divide N = 100; 1000 > N
+def test_linear_cross_entropy_equals_materialised_logits_in_fp32(bias, chunk_rows):
+    problem = _lce_problem(bias=bias)
+    want = _loss_and_grads(_materialised, *problem)
+    got = _loss_and_grads(_fused(chunk_rows), *problem)
+    assert len(got) == len(want) == (4 if bias else 3)
+    for g, w in zip(got, want):
+        assert _rel(g, w) < 1e-6
+    assert float(want[1][::7].abs().max()) == 0  # ignored rows: no gradient reaches their hidden states
+    assert float(got[1][::7].abs().max()) == 0
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_under_bf16_autocast_is_as_accurate_as_the_autocast_reference(bias):
+    problem = _lce_problem(N=300, C=32, V=200, bias=bias, seed=1)
+    truth = _loss_and_grads(_materialised, *problem, dtype=torch.float64)
+    ref = _loss_and_grads(_materialised, *problem, autocast=True)
+    got = _loss_and_grads(_fused(64), *problem, autocast=True)
+    assert got[0].item() != truth[0].item()  # bf16 products really ran
+    for g, r, t in zip(got, ref, truth):
+        assert _rel(g, r) < 1e-2                          # bf16 agreement with the materialised path
+        assert _rel(g, t) <= 1.5 * _rel(r, t) + 1e-6      # and no less accurate than it, against fp64
+    # the gradients come back in the dtype of each input, as autograd requires
+    h, w = problem[0].requires_grad_(), problem[1].requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        obj.linear_cross_entropy(h, w, problem[3]).backward()
+    assert h.grad.dtype == w.grad.dtype == torch.float32
+
+
+def test_linear_cross_entropy_tied_weight_accumulates_both_gradients():
+    """A weight used as the token embedding and as the output projection (GPT-2's tying) gets the sum of
+    both gradients, as with materialised logits."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 40, (3, 9), generator=g)
+    targets = torch.randint(0, 40, (3, 9), generator=g)
+    targets[0, :4] = IGNORE_INDEX
+    mix = torch.randn(16, 16, generator=g)
+
+    def grad_of(loss_fn):
+        emb = torch.nn.Embedding(40, 16)
+        with torch.no_grad():
+            emb.weight.copy_(torch.randn(40, 16, generator=torch.Generator().manual_seed(3)))
+        hidden = torch.tanh(emb(ids) @ mix)                                         # (B, T, C)
+        loss = loss_fn(hidden, emb.weight, targets)
+        loss.backward()
+        return loss.detach(), emb.weight.grad
+
+    want_loss, want = grad_of(lambda h, w, t: obj.cross_entropy(h @ w.t(), t))
+    got_loss, got = grad_of(lambda h, w, t: obj.linear_cross_entropy(h, w, t, chunk_rows=5))
+    assert _rel(got_loss, want_loss) < 1e-6 and _rel(got, want) < 1e-6
+    lookup_only = torch.zeros_like(got)
+    lookup_only[ids.unique()] = 1
+    assert (got * (1 - lookup_only)).abs().sum() > 0  # rows never looked up still get the head's gradient
+
+
+def test_linear_cross_entropy_without_grad_and_edge_cases():
+    hidden, weight, bias, targets = _lce_problem(bias=True)
+    want = _materialised(hidden, weight, bias, targets)
+    with torch.no_grad():
+        got = obj.linear_cross_entropy(hidden, weight, targets, bias, chunk_rows=9)
+    assert not got.requires_grad and _rel(got, want) < 1e-6
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # evaluation under autocast
+        assert abs(float(obj.linear_cross_entropy(hidden, weight, targets, bias)) - float(want)) < 0.05
+    # fp16 autocast computes in fp32: its gradients would be formed before a loss scaler could protect them
+    with torch.autocast("cpu", dtype=torch.float16):
+        fp16 = obj.linear_cross_entropy(hidden, weight, targets, bias, chunk_rows=9)
+    assert torch.equal(fp16, got)
+    # a model held in bf16 (no autocast): bf16 products, gradients in bf16
+    got_bf, want_bf = (_loss_and_grads(f, hidden, weight, bias, targets, dtype=torch.bfloat16)
+                       for f in (_fused(9), _materialised))
+    assert all(_rel(a, b) < 1e-2 for a, b in zip(got_bf, want_bf))
+    hb = hidden.bfloat16().requires_grad_()
+    obj.linear_cross_entropy(hb, weight.bfloat16(), targets).backward()
+    assert hb.grad.dtype == torch.bfloat16
+    # (B, T, C) hidden states and (B, T) targets, as a model gives them
+    got3 = obj.linear_cross_entropy(hidden.view(4, 25, -1), weight, targets.view(4, 25), bias)
+    assert _rel(got3, want) < 1e-6
+    # nothing to predict: NaN, as F.cross_entropy's mean over no targets
+    none = torch.full_like(targets, IGNORE_INDEX)
+    assert torch.isnan(obj.linear_cross_entropy(hidden, weight, none)) and torch.isnan(obj.cross_entropy(
+        hidden @ weight.t(), none))
+    # extreme logits stay finite (the log-softmax is taken on fp32 with the max subtracted)
+    big = obj.linear_cross_entropy(hidden * 1e3, weight, targets)
+    assert torch.isfinite(big) and _rel(big, _materialised(hidden * 1e3, weight, None, targets)) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["decoder", "encoder", "encoder-decoder"])
+def test_pretrain_forward_loss_fused_equals_logits_path(arch):
+    """glassmind pretrain's forward_loss with --fused-loss on gives the logits path's loss and gradients
+    (fp32: tight; under bf16 autocast, where `auto` turns it on: bf16 agreement)."""
+    from glassmind.model import ModelConfig, Transformer
+    from glassmind.train.pretrain import PretrainConfig, forward_loss, fused_loss_applies
+
+    V, context = 64, 24
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(arch=arch, vocab_size=V, context_length=context, d_model=16, n_heads=2,
+                                    n_layers=1))
+    sl = obj.span_lengths_for_context(context)
+    tok_ids = {"vocab": V, "sep": 1, "specials": [0, 1, 2], "mask": 2, "sentinels": list(range(V - sl.spans, V))}
+    width = sl.raw if arch == "encoder-decoder" else context + (arch == "decoder")
+    window = torch.randint(3, V - sl.spans, (4, width), generator=torch.Generator().manual_seed(5))
+
+    def run(fused_loss, autocast):
+        model.zero_grad(set_to_none=True)
+        cfg = PretrainConfig(arch=arch, fused_loss=fused_loss)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = forward_loss(model, arch, window, tok_ids=tok_ids, generator=torch.Generator().manual_seed(9),
+                                cfg=cfg, device=torch.device("cpu"))
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    cpu = torch.device("cpu")
+    assert fused_loss_applies(model, PretrainConfig(fused_loss="on"), cpu)
+    assert not fused_loss_applies(model, PretrainConfig(fused_loss="auto"), cpu)  # fp32 keeps the golden path
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_loss_applies(model, PretrainConfig(fused_loss="auto"), cpu)
+        assert not fused_loss_applies(model, PretrainConfig(fused_loss="off"), cpu)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not fused_loss_applies(model, PretrainConfig(fused_loss="auto"), cpu)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        wrapped = torch.nn.Sequential(model)  # a wrapper (DDP, FSDP, compile) works in forward(): logits path
+        assert not fused_loss_applies(wrapped, PretrainConfig(fused_loss="on"), cpu)
+    want_loss, want = run("off", False)
+    got_loss, got = run("on", False)
+    assert _rel(got_loss, want_loss) < 1e-6 and _rel(got, want) < 1e-5 and got.numel() == want.numel()
+    bf_loss, bf = run("auto", True)
+    ref_loss, ref = run("off", True)
+    assert abs(float(bf_loss - ref_loss)) < 0.02 and _rel(bf, ref) < 0.05

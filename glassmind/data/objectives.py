@@ -34,6 +34,125 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
+# the output projection and the loss in one pass (no full logits)
+
+# logits per chunk (16 MiB in fp32): 512 rows at V = 8192, 80 at V = 50257. On the 2-core benchmark CPU the
+# training step (benchmarks/bench_train_step.py) was flat within noise from 256 to 1024 rows on one thread;
+# with two threads on a loaded machine fewer, larger chunks did better (fewer thread barriers).
+LOSS_CHUNK_ELEMENTS = 2**22
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None, *, chunk_rows: int | None = None) -> torch.Tensor:
+    """`cross_entropy(F.linear(hidden, weight, bias), targets)` without the (N, V) fp32 logits.
+
+    hidden (..., C), weight (V, C), bias (V,) or None, targets (...) with IGNORE_INDEX where no loss is taken
+    -> the mean over the other positions (NaN if there are none, as F.cross_entropy gives).
+
+    Rows are processed `chunk_rows` at a time (default LOSS_CHUNK_ELEMENTS // V): the chunk's logits are
+    computed in the compute dtype (the autocast dtype when autocast is on, as F.linear would; fp32 instead
+    of fp16), upcast to fp32 for the log-softmax, and turned into the chunk's gradients right away:
+    softmax - onehot, then its products with the weight (grad_h) and the hidden states (added to grad_w)
+    (the chunked scheme of Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models", and
+    of Liger-Kernel's fused linear cross-entropy). Backward only scales the stored gradients. Memory: one
+    chunk's logits instead of (N, V) ones. Time: against the materialised path this skips the fp32 copy of
+    the logits, the zero-filled (N, V) gradient of the NLL, log-softmax's backward (an in-place exp instead)
+    and the cast of the logit gradient back to bf16 as separate passes over fresh memory.
+
+    A weight tied to the token embedding gets this gradient added to the embedding's, as with F.linear.
+    """
+    C = hidden.size(-1)
+    h, t = hidden.reshape(-1, C), targets.reshape(-1)
+    chunk_rows = chunk_rows or max(1, LOSS_CHUNK_ELEMENTS // weight.size(0))
+    device_type = h.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+    if dtype == torch.float16:
+        # the gradients are formed in forward, before a loss scaler's factor reaches them: fp16's range would
+        # flush small softmax entries to zero (and a (V, C) sum over many rows could overflow), so fp32
+        dtype = torch.float32
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, weight, bias))
+    with torch.autocast(device_type, enabled=False):  # every cast below is explicit
+        if needs_grad:
+            return _LinearCrossEntropy.apply(h, weight, bias, t, dtype, chunk_rows)
+        return _linear_cross_entropy(h, weight, bias, t, dtype, chunk_rows, need_grads=False)[0]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, t, dtype, chunk_rows):
+        loss, grads, n_valid = _linear_cross_entropy(h, weight, bias, t, dtype, chunk_rows, need_grads=True)
+        ctx.save_for_backward(*grads, n_valid)                                      # grad_b may be None
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, grad_b, n_valid = ctx.saved_tensors
+        scale = grad_loss / n_valid  # the mean's 1/n and the caller's factor (1/accum, a loss scaler) at once
+        grad_b = grad_b * scale if grad_b is not None else None
+        grad_h = (grad_h.float() * scale).to(grad_h.dtype) if grad_h.dtype != scale.dtype else grad_h * scale
+        return grad_h, grad_w * scale, grad_b, None, None, None
+
+
+def _linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t: torch.Tensor,
+                          dtype: torch.dtype, chunk_rows: int, *, need_grads: bool):
+    """h (N, C), weight (V, C), t (N,) -> (mean loss (fp32 scalar), the gradients of the *summed* loss
+    (grad_h (N, C), grad_w (V, C), grad_b (V,) or None), the count of kept targets).
+
+    Buffers are allocated once and reused by every chunk: on a CPU a fresh (n, V) tensor per op costs page
+    faults comparable to the op itself. Ignored rows are computed like the others, then zeroed."""
+    N, C, V = h.size(0), h.size(1), weight.size(0)
+    n, dev, lowp = max(1, min(chunk_rows, N)), h.device, dtype != torch.float32
+    hc, wc = h.to(dtype), weight.to(dtype)                                          # (N, C), (V, C)
+    bc = bias.to(dtype) if bias is not None else None
+    keep = t != IGNORE_INDEX                                                        # (N,)
+    safe_t, rows = torch.where(keep, t, 0), torch.arange(n, device=dev)
+    z = torch.empty(n, V, dtype=torch.float32, device=dev)  # a chunk's fp32 logits -> log-probs -> gradient
+    low = torch.empty(n, V, dtype=dtype, device=dev) if lowp else None  # the same in the compute dtype
+    target_logp = torch.empty(N, dtype=torch.float32, device=dev)                   # (N,)
+    if need_grads:
+        grad_h = torch.empty(N, C, dtype=dtype, device=dev)                        # (N, C)
+        grad_w = torch.zeros(V, C, dtype=torch.float32, device=dev)                # (V, C), summed in fp32
+        # a CPU GEMM cannot add bf16 products into an fp32 output: each chunk's share is rounded to bf16
+        # once (the materialised path rounds the whole sum once), upcast into a buffer, then added
+        grad_w_low = torch.empty(V, C, dtype=dtype, device=dev) if lowp else None
+        grad_w_up = torch.empty(V, C, dtype=torch.float32, device=dev) if lowp else None
+        grad_b = torch.zeros(V, dtype=torch.float32, device=dev) if bias is not None else None
+        hk = hc * keep[:, None].to(dtype)                                           # ignored rows: no grad_w
+    for s in range(0, N, n):
+        e = min(s + n, N)
+        zc, r, tc = z[:e - s], rows[:e - s], safe_t[s:e]
+        out = low[:e - s] if lowp else zc                                           # (n, V), compute dtype
+        if bc is not None:
+            torch.addmm(bc, hc[s:e], wc.t(), out=out)
+        else:
+            torch.mm(hc[s:e], wc.t(), out=out)
+        if lowp:
+            zc.copy_(out)                                                           # upcast this chunk only
+        torch.log_softmax(zc, -1, out=zc)
+        target_logp[s:e] = zc[r, tc]
+        if not need_grads:
+            continue
+        zc.exp_()                                                                   # softmax
+        zc[r, tc] -= 1.0                               # d(-log p_t)/d(logits) = softmax - onehot(t)
+        if grad_b is not None:
+            grad_b += keep[s:e].float() @ zc
+        if lowp:
+            out.copy_(zc)
+        torch.mm(out, wc, out=grad_h[s:e])                                          # (n, C)
+        if lowp:
+            grad_w += grad_w_up.copy_(torch.mm(out.t(), hk[s:e], out=grad_w_low))  # (V, C)
+        else:
+            grad_w.addmm_(zc.t(), hk[s:e])
+    n_valid = keep.sum()
+    loss = -torch.where(keep, target_logp, 0.0).sum() / n_valid
+    if not need_grads:
+        return loss, (), n_valid
+    grad_h = grad_h.to(h.dtype) * keep[:, None]
+    grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
+    return loss, (grad_h, grad_w.to(weight.dtype), grad_b), n_valid
+
+
+# ----------------------------------------------------------------------------------------------------
 # causal language modelling
 
 

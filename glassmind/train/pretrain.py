@@ -123,9 +123,14 @@ class PretrainConfig:
     mean_span: float = _f(3.0, "span corruption: mean span length")
     # precision and device
     device: str = _f("auto", "auto, cpu, cuda, cuda:1, mps")
-    dtype: str = _f("fp32", "compute dtype: fp32, bf16 (autocast, CPU or GPU), fp16 (autocast + grad scaler, "
-                            "GPU only)", choices=("fp32", "bf16", "fp16"))
+    dtype: str = _f("fp32", "compute dtype: fp32, bf16 (autocast, CPU or GPU), fp16 (autocast + grad scaler; "
+                            "for GPUs, slow on a CPU)", choices=("fp32", "bf16", "fp16"))
     compile: bool = _f(False, "torch.compile the model")
+    fused_loss: str = _f("auto", "compute the output projection and cross-entropy in row chunks without the full "
+                                 "fp32 logits (decoder, encoder-decoder; masked LM: the head on chosen positions "
+                                 "only): auto = under bf16 autocast, on = also in fp32 (other rounding than the "
+                                 "golden fp32 path) and fp16 (computed in fp32), off = never; models wrapped by "
+                                 "DDP/FSDP/compile use the logits path", choices=("auto", "on", "off"))
     seed: int = _f(1337, "seed for init, data order and masks")
     deterministic: bool = _f(True, "torch.use_deterministic_algorithms (exact resume)")
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)")
@@ -144,7 +149,8 @@ class PretrainConfig:
 # fields a resumed run may change: they do not alter what is computed
 RESUME_MAY_CHANGE = {"resume", "device", "compile", "threads", "eval_every", "eval_batches", "log_every",
                      "ckpt_every", "keep_last", "skip_nonfinite", "peak_flops", "progress", "shards_dir",
-                     "steps", "parallel"}  # checkpoints are layout-free
+                     "steps", "parallel",  # checkpoints are layout-free
+                     "fused_loss"}  # the same loss, other rounding (as with compile)
 
 
 def default_lr(d_model: int) -> float:
@@ -207,9 +213,10 @@ def setup_device(cfg: PretrainConfig) -> tuple[torch.device, torch.dtype]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
-    if dtype == torch.float16 and device.type != "cuda":
-        raise GlassmindError("--dtype fp16 needs a CUDA GPU (its loss scaler exists for GPUs): use --dtype bf16 "
-                             "or fp32 on this device")
+    if dtype == torch.float16 and device.type == "cpu":
+        # CPU autocast and GradScaler("cpu") do support fp16, so the scaler path runs (and is tested) here;
+        # but few CPUs multiply fp16 natively, so it is slow: bf16 is the CPU's half precision
+        print0("note: --dtype fp16 on a CPU is slow (no native fp16 matmuls on most CPUs): prefer --dtype bf16")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # warn_only: a few CUDA kernels have no deterministic version; on CPU every op used here has one.
@@ -371,24 +378,64 @@ def identity(model: nn.Module) -> nn.Module:
     return model
 
 
+def fused_loss_applies(model: nn.Module, cfg: PretrainConfig, device: torch.device) -> bool:
+    """Whether `forward_loss` skips the full logits (see PretrainConfig.fused_loss). Only for the plain model
+    (alone or tensor-parallel, whose LM head stays replicated): DDP, FSDP, compile and test instruments do
+    their work in forward(), which `features` would bypass."""
+    from glassmind.model import Transformer
+
+    if cfg.fused_loss == "off" or type(model) is not Transformer or _is_dtensor(lm_head_of(model)[0]):
+        return False
+    if cfg.fused_loss == "on":
+        return True
+    return torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.bfloat16
+
+
+def lm_head_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight (V, C), bias (V,) or None) of the output projection, as Transformer.lm_logits uses them."""
+    return (model.lm_head.weight if model.lm_head is not None else model.token_embedding.weight), model.lm_bias
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
 def forward_loss(model: nn.Module, arch: str, window: torch.Tensor, *, tok_ids: dict,
                  generator: torch.Generator, cfg: PretrainConfig, device: torch.device) -> torch.Tensor:
     """One micro-batch through the objective of `arch`: window (B, W) token ids on the CPU -> scalar loss.
 
     Masks and spans are drawn on the CPU from `generator` (so they do not depend on the device), then the
     tensors move to `device`."""
+    fused = fused_loss_applies(model, cfg, device)
     if arch == "decoder":
         inputs, targets = objectives.causal_lm(window.to(device))                   # (B, T), (B, T)
+        if fused:
+            weight, bias = lm_head_of(model)
+            return objectives.linear_cross_entropy(model.features(inputs), weight, targets, bias)
         return objectives.cross_entropy(model(inputs), targets)
     if arch == "encoder":
         inputs, labels = objectives.mask_tokens(
             window, mask_id=tok_ids["mask"], vocab_size=tok_ids["vocab"], special_ids=tok_ids["specials"],
             mask_prob=cfg.mask_prob, generator=generator, continuation=tok_ids.get("continuation"))
-        return objectives.cross_entropy(model(inputs.to(device)).logits, labels.to(device))   # logits (B, T, V)
+        inputs, labels = inputs.to(device), labels.to(device)
+        if fused:  # the MLM head on the ~15% chosen positions only (as RoBERTa's fairseq code does)
+            chosen = labels != objectives.IGNORE_INDEX                                # (B, T)
+            hidden = model.features(inputs)[chosen]                                   # (n, C)
+            return objectives.cross_entropy(model.head(hidden, model.token_embedding.weight), labels[chosen])
+        return objectives.cross_entropy(model(inputs).logits, labels)                 # logits (B, T, V)
     batch = objectives.span_corrupt(window, sentinel_ids=tok_ids["sentinels"], start_id=tok_ids["sep"],
                                     end_id=tok_ids["sep"], noise_density=cfg.noise_density,
                                     mean_span=cfg.mean_span, generator=generator)
-    logits = model(batch.encoder_ids.to(device), batch.decoder_input.to(device))    # (B, Td, V)
+    encoder_ids, decoder_input = batch.encoder_ids.to(device), batch.decoder_input.to(device)
+    if fused:
+        weight, bias = lm_head_of(model)
+        return objectives.linear_cross_entropy(model.features(encoder_ids, decoder_input), weight,
+                                               batch.decoder_target.to(device), bias)
+    logits = model(encoder_ids, decoder_input)                                        # (B, Td, V)
     return objectives.cross_entropy(logits, batch.decoder_target.to(device))
 
 
@@ -457,13 +504,13 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
     loop runs forward/backward through the wrapper and saves, clips and optimizes the unwrapped module.
     """
     from glassmind.parallel import apply_parallel, checkpoint as pckpt
-    from glassmind.parallel.mesh import init_distributed, mesh_coordinate, parse_spec
+    from glassmind.parallel.mesh import mesh_coordinate
+    from glassmind.parallel.runtime import join
 
     t_start = time.perf_counter()
     # -- 2. setup ------------------------------------------------------------------------------------------
     check_config(cfg)
-    spec = parse_spec(cfg.parallel, mp=cfg.dtype)
-    mesh = init_distributed(spec, pick_device(cfg.device).type)  # joins torchrun's group; None: one process
+    spec, mesh = join(cfg.parallel, pick_device(cfg.device).type, mp=cfg.dtype)  # None: one process
     dp_rank, dp_size = mesh_coordinate(mesh, "dp")
     device, dtype = setup_device(cfg)
     out = prepare_run_dir(cfg)
@@ -599,7 +646,11 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
         else:
             scaler.step(optimizer)
             optimizer.zero_grad(set_to_none=True)
+        scale = scaler.get_scale() if scaler.is_enabled() else None
         scaler.update()
+        if scale is not None and scaler.get_scale() < scale:  # fp16: the scaler found inf gradients, skipped
+            bad = True
+            print0(f"step {step + 1}: inf/NaN gradients at loss scale {scale:g}: update skipped, scale lowered")
         step += 1
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -611,6 +662,8 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
             row = {"step": step, "tokens": step * cfg.batch_tokens, "loss": loss_value, "lr": lr,
                    "grad_norm": norm_value, "tokens_per_s": tokens_per_s,
                    "mfu": metrics.mfu(tokens_per_s / world_size(), flops_per_token, peak)}
+            if scale is not None:
+                row["loss_scale"] = scale
             if bad:
                 row["skipped"] = True
             log.log(row)
@@ -774,16 +827,14 @@ def _main(argv: list[str] | None) -> int:
     if ns.resume:
         saved_path = Path(ns.out) / CONFIG_FILE
         if saved_path.exists():  # the run's own settings are the defaults; flags given still win
-            parser.set_defaults(**json.loads(saved_path.read_text(encoding="utf-8")))
+            saved = json.loads(saved_path.read_text(encoding="utf-8"))
+            saved.pop("parallel", None)  # the layout comes from this launch (checkpoints are layout-free)
+            parser.set_defaults(**saved)
             ns = parser.parse_args(argv)
-    from glassmind.parallel.mesh import close_distributed
+    from glassmind.parallel.runtime import leave_at_exit
 
-    ok = False
-    try:
+    with leave_at_exit():  # a barrier, then leave torchrun's group (no-op for one process)
         pretrain(config_from_args(PretrainConfig, ns))
-        ok = True
-    finally:
-        close_distributed(ok=ok)  # a barrier, then leave torchrun's group (no-op for one process)
     return 0
 
 

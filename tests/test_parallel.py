@@ -254,6 +254,7 @@ def test_parse_spec():
     assert parse_spec("zero=1", 2) == ParallelSpec(dp=2, zero=1)
     spec = parse_spec("pp=2,schedule=GPipe,microbatches=4,mp=bfloat16", 2)
     assert (spec.pp, spec.schedule, spec.n_microbatches, spec.mp) == (2, "gpipe", 4, "bf16")
+    assert parse_spec("pp=2,mp=fp16", 2).mp == "fp16"  # the pipeline step takes the fp16 loss scaler too
     assert parse_spec("", 1) == ParallelSpec()
     assert str(parse_spec("dp=2,tp=2,zero=3", 4)) == "dp=2,tp=2,zero=3"
 

@@ -73,6 +73,7 @@ class ParallelModel:
         self._loss_scale = [1.0]
         self._raw_losses: list[torch.Tensor] = []
         self.autocast_dtype = None if spec.mp == "fp32" or self.sharded else parse_dtype(spec.mp)
+        self._world_scaler = mesh is not None and (self.sharded or self.tp_size > 1 or self.pp_size > 1)
         self.module = self._apply(model)
 
     # -- building ----------------------------------------------------------------------------------------
@@ -121,7 +122,7 @@ class ParallelModel:
             return apply_zero1(optimizer, self.mesh["dp"].get_group())
         from torch.distributed.tensor import DTensor
 
-        sharded_scaler = self.spec.mp == "fp16" and self.mesh is not None and (self.sharded or self.tp_size > 1)
+        sharded_scaler = self.spec.mp == "fp16" and self._world_scaler
         mixed = any(len({isinstance(p, DTensor) for p in g["params"]}) > 1 for g in optimizer.param_groups)
         if optimizer.defaults.get("fused") and (mixed or sharded_scaler):
             return rebuilt(optimizer, fused=None)
@@ -146,9 +147,10 @@ class ParallelModel:
 
     # -- one micro-batch ---------------------------------------------------------------------------------
     def forward_backward(self, ids: torch.Tensor, targets: torch.Tensor, *, loss_scale: float = 1.0,
-                         sync: bool = True) -> torch.Tensor:
+                         sync: bool = True, scaler=None) -> torch.Tensor:
         """Forward and backward of one micro-batch of this rank: ids, targets (B, T). Gradients of
-        `loss * loss_scale` are added to `.grad` (pass 1/accum when accumulating). With sync=False the
+        `loss * loss_scale` are added to `.grad` (pass 1/accum when accumulating), times the fp16 loss scale
+        of `scaler` (from grad_scaler) when one is given: unscale_ it before clipping. With sync=False the
         data-parallel gradient reduction is skipped (all but the last micro-batch of an optimizer step).
 
         Returns this rank's mean loss (detached); `global_loss` averages it over the data-parallel ranks.
@@ -156,10 +158,11 @@ class ParallelModel:
         """
         ids, targets = ids.to(self.device), targets.to(self.device)
         if self.schedule is not None:
-            return self._pipeline_step(ids, targets, loss_scale=loss_scale, sync=sync)
+            return self._pipeline_step(ids, targets, loss_scale=loss_scale, sync=sync, scaler=scaler)
         with self.grad_sync(sync), self._autocast():
             loss = causal_lm_loss(self.module(ids), targets)
-            (loss * loss_scale).backward()
+            scaled = loss * loss_scale
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         return loss.detach()
 
     @contextlib.contextmanager
@@ -176,10 +179,15 @@ class ParallelModel:
         if enabled and self.manual_dp:
             average_gradients(self.module, self.mesh["dp"].get_group())
 
-    def _pipeline_step(self, ids, targets, *, loss_scale: float, sync: bool) -> torch.Tensor:
+    def _pipeline_step(self, ids, targets, *, loss_scale: float, sync: bool, scaler=None) -> torch.Tensor:
         if ids.shape[0] % self.spec.n_microbatches:
             raise GlassmindError(f"--parallel {self.spec}: the batch of {ids.shape[0]} rows per replica does not "
                                  f"split into {self.spec.n_microbatches} microbatches; make it a multiple")
+        if scaler is not None and scaler.is_enabled():
+            # fp16: the schedule calls loss_fn itself, so the scaler's factor goes into loss_fn's scale. Every
+            # stage asks the scaler (not only the last, which has the loss): that starts its scale, which
+            # unscale_ needs, and the found-inf all-reduce then runs on all ranks.
+            loss_scale = loss_scale * float(scaler.scale(torch.ones((), device=self.device)))
         self._loss_scale[0] = loss_scale
         self._raw_losses.clear()
         if self.stage.is_first:
@@ -221,12 +229,11 @@ class ParallelModel:
         return self._stage_loss()
 
     def grad_scaler(self, enabled: bool = True):
-        """The loss scaler fp16 needs. When gradients are sharded (FSDP, TP) each rank sees only part of them,
-        so an inf on one rank must skip the step on all: ShardedGradScaler all-reduces its found-inf flag."""
-        if self.mesh is not None and (self.sharded or self.tp_size > 1):
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-            return ShardedGradScaler(self.device.type, enabled=enabled)
+        """The loss scaler fp16 needs. When each rank holds only part of the gradients (FSDP and TP shards,
+        pipeline stages) an inf on one rank must skip the step on all: this scaler all-reduces its found-inf
+        flag over every rank. DDP replicas hold the same gradients, so a plain GradScaler does there."""
+        if self._world_scaler:
+            return world_grad_scaler(self.device.type, enabled=enabled)
         return torch.amp.GradScaler(self.device.type, enabled=enabled)
 
     def autocast(self):
@@ -297,6 +304,32 @@ class ParallelModel:
         if local:
             torch._foreach_mul_(local, coef.to(local[0].device))
         return float(norm)
+
+
+def world_grad_scaler(device_type: str, *, enabled: bool = True):
+    """A ShardedGradScaler (found-inf all-reduced over the default group, i.e. every rank) that also takes an
+    optimizer whose gradients mix DTensors (TP's split Linears) and plain tensors (embeddings, norms): torch
+    2.13's own unscale puts both in one foreach call, which DTensor refuses. Each rank unscales and checks its
+    local pieces; the all-reduce in unscale_ then gives every rank the same verdict."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+    from torch.distributed.tensor import DTensor
+
+    class LocalPiecesGradScaler(ShardedGradScaler):
+        def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16=True):
+            by_kind: dict = {}
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                        by_kind.setdefault((g.device, g.dtype), []).append(g)
+            found = {}  # device -> found-inf flag (1,), what GradScaler.step and update read
+            with torch.no_grad():
+                for (device, _), grads in by_kind.items():
+                    flag = found.setdefault(device, found_inf.to(device))
+                    torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, inv_scale.to(device))
+            return found or {found_inf.device: found_inf}  # a rank without gradients still joins the reduce
+
+    return LocalPiecesGradScaler(device_type, enabled=enabled)
 
 
 def rebuilt(optimizer: torch.optim.Optimizer, **changes) -> torch.optim.Optimizer:

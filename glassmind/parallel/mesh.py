@@ -154,8 +154,6 @@ def check_spec(spec: ParallelSpec, world: int, model_config=None, batch_size: in
          "zero=1 (ZeroRedundancyOptimizer) combines with neither pp nor tp here; use zero=2 or zero=3 "
          "(FSDP2) to shard the optimizer state of those layouts")
     if spec.pp > 1:
-        need(spec.mp != "fp16", "mp=fp16 needs a gradient scaler, which pipeline schedules do not take here; "
-                                "use mp=bf16")
         need(spec.schedule != "1f1b" or spec.n_microbatches >= spec.pp,
              f"1f1b needs at least as many microbatches as stages ({spec.pp}); set microbatches>={spec.pp}")
     if model_config is not None:

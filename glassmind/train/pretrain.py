@@ -616,7 +616,7 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
             last = micro == accum - 1
             if pm.schedule is not None:  # a pipeline: its schedule runs forward and backward
                 inputs, targets = objectives.causal_lm(window)
-                loss = pm.forward_backward(inputs, targets, loss_scale=1 / accum, sync=last)
+                loss = pm.forward_backward(inputs, targets, loss_scale=1 / accum, sync=last, scaler=scaler)
             else:
                 with pm.grad_sync(last):
                     with autocast():

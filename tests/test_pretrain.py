@@ -344,20 +344,33 @@ def test_sigkill_inside_checkpoint_writes_then_resume_is_bit_identical(ws, refer
 # the NaN guard
 
 
-class NaNAt(nn.Module):
-    """Makes the logits of the n-th training forward NaN (a test instrument, wrapped from outside)."""
+class AtForward(nn.Module):
+    """Applies `change` to the output of the n-th training forward (a test instrument, wrapped from outside)."""
 
-    def __init__(self, inner, n):
+    def __init__(self, inner, n, change):
         super().__init__()
-        self.inner, self.n, self.calls = inner, n, 0
+        self.inner, self.n, self.change, self.calls = inner, n, change, 0
 
     def forward(self, *args, **kw):
         out = self.inner(*args, **kw)
         if self.training:
             self.calls += 1
             if self.calls == self.n:
-                out = out * float("nan")
+                out = self.change(out)
         return out
+
+
+def NaNAt(inner, n):
+    """The n-th training forward's logits become NaN."""
+    return AtForward(inner, n, lambda out: out * float("nan"))
+
+
+def InfGradAt(inner, n):
+    """Gradients flowing back into the n-th training forward's output become inf (an fp16 overflow)."""
+    def inf_grad(out):
+        out.register_hook(lambda g: torch.full_like(g, float("inf")))
+        return out
+    return AtForward(inner, n, inf_grad)
 
 
 def test_nan_stops_before_the_update_and_leaves_weights_untouched(in_ws):
@@ -434,22 +447,6 @@ def test_bf16_autocast_runs_on_cpu(in_ws, reference):
     want = [r["loss"] for r in train_rows(ref)[:3]]
     assert all(math.isfinite(x) for x in got)
     assert got[0] != want[0] and abs(got[0] - want[0]) < 0.05  # bf16 matmuls, same model and data
-
-
-class InfGradAt(nn.Module):
-    """Gradients flowing back into the n-th training forward's output become inf (an fp16 overflow)."""
-
-    def __init__(self, inner, n):
-        super().__init__()
-        self.inner, self.n, self.calls = inner, n, 0
-
-    def forward(self, *args, **kw):
-        out = self.inner(*args, **kw)
-        if self.training:
-            self.calls += 1
-            if self.calls == self.n:
-                out.register_hook(lambda g: torch.full_like(g, float("inf")))
-        return out
 
 
 def test_fp16_loss_scaler_skips_an_overflow_step_and_goes_on(in_ws):

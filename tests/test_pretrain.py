@@ -107,17 +107,23 @@ def val_rows(run):
     return [r for r in read_jsonl(Path(run) / "metrics.jsonl") if r.get("split") == "val"]
 
 
-@pytest.fixture(scope="module")
-def reference(ws):
-    """The uninterrupted tiny run (in this process): golden losses and the target of every resume."""
+def pretrain_in(folder, config):
+    """pretrain(config) run from `folder` (the configs' relative paths), leaving this process's working
+    directory, thread count and determinism flag as they were."""
     cwd = os.getcwd()
-    os.chdir(ws)
+    os.chdir(folder)
     threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
-        summary = pretrain(cfg("ref"))
+        return pretrain(config)
     finally:
         os.chdir(cwd)
         _restore(threads, det)
+
+
+@pytest.fixture(scope="module")
+def reference(ws):
+    """The uninterrupted tiny run (in this process): golden losses and the target of every resume."""
+    summary = pretrain_in(ws, cfg("ref"))
     return ws / "ref", summary
 
 
@@ -571,14 +577,7 @@ pretrain(cfg, **({"wrap_model": overflow_on_last_stage} if cfg.parallel.startswi
 @pytest.fixture(scope="module")
 def fp16_reference(ws):
     """One process, fp16 autocast + loss scaler, the tiny run's global batch."""
-    cwd = os.getcwd()
-    os.chdir(ws)
-    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    try:
-        pretrain(cfg("ref-fp16", dtype="fp16", steps=FP16_STEPS, ckpt_every=100, eval_every=100))
-    finally:
-        os.chdir(cwd)
-        _restore(threads, det)
+    pretrain_in(ws, cfg("ref-fp16", dtype="fp16", steps=FP16_STEPS, ckpt_every=100, eval_every=100))
     return ws / "ref-fp16"
 
 

@@ -238,6 +238,20 @@ def test_ppo_completes_logs_everything_and_resumes_after_kill(sft_run, rm_run, r
     assert numbers(out, keys) == numbers(root / "ppo-k", keys)
 
 
+def test_ppo_with_the_verifier_as_reward(sft_run, root):
+    """--reward verifier (the diagnostic that takes the reward model out): each reply's reward is the task
+    verifier's 1 or 0, so the logged mean reward is exactly the rollouts' training accuracy."""
+    out = root / "ppo-verifier"
+    args = args_ppo(sft_run, "verifier", out, "--no-reward-norm")
+    assert ppo.main(args) == 0
+    steps = [r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+             if "reward" in r]
+    assert len(steps) == 3 and all(r["reward"] == pytest.approx(r["train_acc"]) for r in steps)
+    assert "verifier" in (out / "card.md").read_text()
+    with pytest.raises(GlassmindError, match="drop --prompts"):
+        ppo.ppo(ppo.PPOConfig(policy=str(sft_run), reward="verifier", out=str(root / "ppo-v2"), prompts="x.jsonl"))
+
+
 def test_ppo_adaptive_kl_and_k3(sft_run, rm_run, root):
     out = root / "ppo-adaptive"
     assert ppo.main(args_ppo(sft_run, rm_run, out, "--kl-estimator", "k3", "--kl-target", "0.5", "--kl-horizon",

@@ -56,6 +56,7 @@ from glassmind.train.sft import (accuracy_row, config_field, evaluate_tasks, gen
                                  setup_torch)
 
 SETTINGS = "ppo.json"
+VERIFIER = "verifier"
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 # ======================================================================================================
@@ -66,7 +67,9 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 @dataclass
 class PPOConfig:
     policy: str = config_field("", "the SFT run: the starting policy and the frozen reference")
-    reward: str = config_field("", "the reward-model run (glassmind reward)")
+    reward: str = config_field("", "the reward-model run (glassmind reward), or 'verifier': 1/0 from the built-in "
+                                   "tasks' verifier instead of a learned model (a diagnostic: is the reward model "
+                                   "what limits PPO?)")
     out: str = config_field("runs/ppo", "run directory to write")
     prompts: Optional[str] = config_field(None, "JSONL of {\"prompt\": text or messages} (default: built-in "
                                                 "task prompts)")
@@ -274,7 +277,10 @@ def ppo_step(cfg: PPOConfig, step: int, model: PolicyWithValue, ref: nn.Module, 
     # -- 3. scoring ---------------------------------------------------------------------------------------
     old_logp, values, ent, ref_logp = score_batch(model, ref, r, orders[0], temperature=cfg.temperature)
     with torch.no_grad():
-        scores = rm(r.ids, r.attn)                                                    # (B,)
+        if rm is None:  # --reward verifier: the task's verdict, 1 or 0
+            scores = torch.tensor([float(task_lib.verify(e, rep)) for e, rep in zip(r.examples, r.replies)])
+        else:
+            scores = rm(r.ids, r.attn)                                                # (B,)
 
     # -- 4. rewards: KL penalty on every reply token, the (normalised) score on the last -----------------
     kl = rl.kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * act                  # (B, T-1)
@@ -354,15 +360,18 @@ def ppo(cfg: PPOConfig) -> dict:
     t_start = time.perf_counter()
     check(cfg)
     require_dir(cfg.policy, "--policy")
-    require_dir(cfg.reward, "--reward")
+    if cfg.reward != VERIFIER:
+        require_dir(cfg.reward, "--reward")
+    elif cfg.prompts:
+        raise GlassmindError("--reward verifier checks the built-in tasks' answers: drop --prompts")
     setup_torch(cfg.threads)
     out = prepare_out(cfg, SETTINGS)
 
     policy, tok, fmt = load_chat_run(cfg.policy, "--policy")
     rl.check_pad_eos(fmt.pad_id, fmt.end_id)
     ref = frozen(copy.deepcopy(policy))
-    rm = frozen(load_reward_model(cfg.reward))
-    if rm.config.vocab_size < tok.vocab_size:
+    rm = frozen(load_reward_model(cfg.reward)) if cfg.reward != VERIFIER else None
+    if rm is not None and rm.config.vocab_size < tok.vocab_size:
         raise GlassmindError(f"the reward model {cfg.reward} has a smaller vocabulary ({rm.config.vocab_size}) than "
                              f"the policy's tokenizer ({tok.vocab_size}): train it from the same SFT run")
     model = PolicyWithValue(policy, zero_value_head(policy.config.d_model))
@@ -427,7 +436,8 @@ def ppo(cfg: PPOConfig) -> dict:
     plot_ppo(log.rows(), out / "ppo.png", title=f"{out.name}: PPO")
     metrics.write_card(
         out, title=f"{out.name}: PPO (RLHF)",
-        what=(f"PPO from {cfg.policy} against the reward model {cfg.reward}: {step} steps of {cfg.rollouts} "
+        what=(f"PPO from {cfg.policy} against "
+              f"{'the tasks verifier (1/0)' if cfg.reward == VERIFIER else 'the reward model ' + cfg.reward}: {step} steps of {cfg.rollouts} "
               f"rollouts, {cfg.ppo_epochs} epochs of minibatches of {cfg.minibatch}, per-token KL penalty "
               f"({cfg.kl_estimator}, beta {cfg.kl_coef}{', adaptive to ' + str(cfg.kl_target) if cfg.kl_target else ''}"
               "), GAE, clipped policy and value losses; value head on the policy trunk. Held-out accuracy from the "

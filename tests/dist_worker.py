@@ -94,7 +94,7 @@ def train_steps(pm, opt, data, scaler=None) -> list[float]:
             if scaler is None:
                 loss = pm.forward_backward(x, y, loss_scale=1 / ACCUM, sync=i == ACCUM - 1)
             else:
-                with pm.grad_sync(i == ACCUM - 1), pm._autocast():
+                with pm.grad_sync(i == ACCUM - 1), pm.autocast():
                     loss = causal_lm_loss(pm.module(x), y)
                     scaler.scale(loss / ACCUM).backward()
             total += pm.global_loss(loss) / ACCUM

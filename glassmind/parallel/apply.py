@@ -159,7 +159,7 @@ class ParallelModel:
         ids, targets = ids.to(self.device), targets.to(self.device)
         if self.schedule is not None:
             return self._pipeline_step(ids, targets, loss_scale=loss_scale, sync=sync, scaler=scaler)
-        with self.grad_sync(sync), self._autocast():
+        with self.grad_sync(sync), self.autocast():
             loss = causal_lm_loss(self.module(ids), targets)
             scaled = loss * loss_scale
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
@@ -217,7 +217,7 @@ class ParallelModel:
         """Mean loss of one batch without gradients (validation); same conventions as forward_backward."""
         ids, targets = ids.to(self.device), targets.to(self.device)
         if self.schedule is None:
-            with self._autocast():
+            with self.autocast():
                 return causal_lm_loss(self.module(ids), targets)
         self._raw_losses.clear()
         if self.stage.is_first:
@@ -243,7 +243,6 @@ class ParallelModel:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    _autocast = autocast
 
     def global_loss(self, loss: torch.Tensor) -> float:
         """The mean loss over the global batch, the same number on every rank (one all-reduce).

@@ -586,11 +586,14 @@ class Transformer(nn.Module):
         values are filled, `memory` may be None."""
         return self.lm_logits(self.decode_features(tgt_ids, memory, **kw))
 
+    def output_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight (V, C), bias (V,) or None) of the projection to the vocabulary: the token embedding when
+        `tie_embeddings` is on (a fused loss takes them instead of the logits)."""
+        return (self.lm_head.weight if self.lm_head is not None else self.token_embedding.weight), self.lm_bias
+
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Output projection to the vocabulary (B, T, C) -> (B, T, V); tied to the token embedding unless
-        `tie_embeddings` is off."""
-        weight = self.lm_head.weight if self.lm_head is not None else self.token_embedding.weight
-        return F.linear(hidden, weight, self.lm_bias)
+        """Output projection to the vocabulary (B, T, C) -> (B, T, V)."""
+        return F.linear(hidden, *self.output_projection())
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.dim() != 2:

@@ -384,16 +384,11 @@ def fused_loss_applies(model: nn.Module, cfg: PretrainConfig, device: torch.devi
     their work in forward(), which `features` would bypass."""
     from glassmind.model import Transformer
 
-    if cfg.fused_loss == "off" or type(model) is not Transformer or _is_dtensor(lm_head_of(model)[0]):
+    if cfg.fused_loss == "off" or type(model) is not Transformer or _is_dtensor(model.output_projection()[0]):
         return False
     if cfg.fused_loss == "on":
         return True
     return torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.bfloat16
-
-
-def lm_head_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight (V, C), bias (V,) or None) of the output projection, as Transformer.lm_logits uses them."""
-    return (model.lm_head.weight if model.lm_head is not None else model.token_embedding.weight), model.lm_bias
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -414,7 +409,7 @@ def forward_loss(model: nn.Module, arch: str, window: torch.Tensor, *, tok_ids: 
     if arch == "decoder":
         inputs, targets = objectives.causal_lm(window.to(device))                   # (B, T), (B, T)
         if fused:
-            weight, bias = lm_head_of(model)
+            weight, bias = model.output_projection()
             return objectives.linear_cross_entropy(model.features(inputs), weight, targets, bias)
         return objectives.cross_entropy(model(inputs), targets)
     if arch == "encoder":
@@ -432,7 +427,7 @@ def forward_loss(model: nn.Module, arch: str, window: torch.Tensor, *, tok_ids: 
                                     mean_span=cfg.mean_span, generator=generator)
     encoder_ids, decoder_input = batch.encoder_ids.to(device), batch.decoder_input.to(device)
     if fused:
-        weight, bias = lm_head_of(model)
+        weight, bias = model.output_projection()
         return objectives.linear_cross_entropy(model.features(encoder_ids, decoder_input), weight,
                                                batch.decoder_target.to(device), bias)
     logits = model(encoder_ids, decoder_input)                                        # (B, Td, V)

@@ -32,14 +32,9 @@ KILL = checkpoint.KILL_ENV
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The verbs run with --threads 1 here and in their subprocesses (same kernels, same bits); put the
-    test process's thread count and determinism flag back when the module is done. (Module scope and autouse:
-    it is set up before the module's run fixtures, which already call the verbs.)"""
-    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(det)
+def settings_back(torch_settings_restored):
+    """The verbs run with --threads 1 here and in their subprocesses (same kernels, same bits). Autouse, so it
+    is set up before the module's run fixtures, which already call the verbs."""
 
 
 @pytest.fixture(scope="module")

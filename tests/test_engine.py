@@ -25,14 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: a second intra-op thread only adds synchronisation, which on a shared
-    2-core machine costs more than the whole op."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run best on one thread
 
 
 def tiny(**kw) -> Transformer:

@@ -37,12 +37,8 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The verbs run with --threads 1 and deterministic kernels; put this process's settings back after."""
-    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(det)
+def settings_back(torch_settings_restored):
+    """The verbs run with --threads 1 and deterministic kernels; this process's settings come back after."""
 
 
 @pytest.fixture(scope="module")

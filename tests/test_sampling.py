@@ -22,14 +22,7 @@ logit_rows = st.lists(st.floats(-20, 20, allow_nan=False, width=32), min_size=1,
 fast = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: a second intra-op thread only adds synchronisation, which on a shared
-    2-core machine costs more than the whole op."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run best on one thread
 
 
 def kept(x: torch.Tensor) -> set[int]:

@@ -26,9 +26,11 @@ def test_answers_are_right():
     by_key = {e.key: e for task in T.TASKS for e in T.pool(task)}
     assert by_key["add:3+4"].answer == "7" and by_key["add:3+4"].prompt == "What is 3 + 4?"
     assert by_key["compare:12:7"].answer == "12"
-    assert by_key["reverse:apple"].answer == "elppa"
-    assert by_key["sort:tiger"].answer == "egirt"
+    assert by_key["reverse:apple"].answer == "e l p p a"
+    assert by_key["reverse:apple"].prompt == "Reverse the letters a p p l e."
+    assert by_key["sort:tiger"].answer == "e g i r t"
     assert by_key["count:a:banana"].answer == "3"
+    assert by_key["count:a:banana"].prompt == "How many times does the letter a appear in b a n a n a?"
     assert by_key["count:e:banana"].answer == "0"
     ent = T.world(0)[0]
     assert by_key[f"world0:{ent.name}:color"].answer == ent.color
@@ -51,6 +53,36 @@ def test_tasks_are_balanced_and_selectable():
     assert {e.task for e in T.train_examples(10, 0, tasks=["add"])} == {"add"}
     with pytest.raises(GlassmindError, match="unknown task"):
         T.train_examples(3, 0, tasks=["algebra"])
+
+
+def test_letter_words_are_fixed_and_many():
+    """reverse/sort/count use WORDS plus made-up words, the same list everywhere, too many to memorise."""
+    words = T.letter_words()
+    assert len(words) == len(set(words)) > 14_000
+    assert words[:len(T.WORDS)] == T.WORDS
+    assert all(w.isalpha() and w.islower() for w in words)
+    assert T.spell("tiger") == "t i g e r"
+
+
+def test_sft_rl_and_heldout_splits_are_disjoint_and_cover_the_pool():
+    """Each prompt is in exactly one of sft / rl / heldout, by a hash of its key; 'train' is sft + rl."""
+    for task in T.TASKS:
+        parts = {name: {e.key for e in T.split_pool(task, name)} for name in ("sft", "rl", "heldout", "train")}
+        assert parts["sft"] and parts["rl"] and parts["heldout"]
+        assert not parts["sft"] & parts["rl"] and not parts["sft"] & parts["heldout"]
+        assert not parts["rl"] & parts["heldout"]
+        assert parts["sft"] | parts["rl"] == parts["train"]
+        assert parts["train"] | parts["heldout"] == {e.key for e in T.pool(task)}
+        if len(T.pool(task)) > 1000:
+            assert 0.45 < len(parts["sft"]) / len(T.pool(task)) < 0.55, task
+            assert 0.25 < len(parts["rl"]) / len(T.pool(task)) < 0.35, task
+    assert all(T.split_of(e.key) == "rl" for e in T.train_examples(60, 1, split="rl"))
+    assert all(T.split_of(e.key) == "sft" for e in T.train_examples(60, 1))  # SFT's is the default
+    assert all(T.split_of(p.example.key) == "rl" for p in T.builtin_preferences("rl", 30, seed=0))
+    with pytest.raises(GlassmindError, match="split must be one of"):
+        T.split_pool("add", "test")
+    with pytest.raises(GlassmindError, match="never come from the held-out split"):
+        T.train_examples(3, 0, split="heldout")
 
 
 def test_heldout_prompts_never_appear_in_training():
@@ -94,8 +126,8 @@ def test_builtin_preferences_follow_the_rule():
         for reply, rank in zip(p.responses, p.ranks):
             if rank > 0:
                 assert not T.verify(e, reply), (e, reply)
-            if rank == 1:  # same format: a number for numbers, letters only for words
-                assert reply.isdigit() == e.answer.isdigit() and " " not in reply
+            if rank == 1:  # same format: a number for numbers, spelled letters for reverse and sort, a word
+                assert T.well_formed(e, reply), (e, reply)
             if rank == 2:
                 assert reply == f"The answer is {e.answer}."
             if rank == 3:
@@ -110,11 +142,12 @@ def test_builtin_preferences_follow_the_rule():
 
 def test_dev_split_is_heldout_and_disjoint_from_the_report():
     """Tuning prompts: held out from training, and never among the first `skip` per task that a report uses."""
-    report = {e.key for e in T.heldout_examples(50)}
+    report = {e.key for e in T.heldout_examples(200)}
     dev = T.dev_examples(100)
     assert dev and all(T.is_heldout(e.key) for e in dev)
     assert not report & {e.key for e in dev}
-    assert {e.task for e in dev} == {"add", "compare", "count"}  # the small pools have nothing past 50
+    assert {e.task for e in dev} == {"compare", "reverse", "sort", "count"}  # add 77 and world 24 held out
+    assert {e.task for e in T.dev_examples(100, skip=50)} == {"add", "compare", "reverse", "sort", "count"}
     assert {e.key for e in T.dev_examples(5, skip=0)} <= {e.key for e in T.heldout_examples(5)}
     assert T.dev_examples(100) == dev
 
@@ -126,7 +159,8 @@ def test_sampled_replies_ranked_by_the_rule():
     rev = next(e for e in T.pool("reverse") if e.key == "reverse:apple")
     assert T.rank_samples(add, ["7", "8", "8", "seven", " 7 ", "12"], [True, True, False, True, True, True]) == \
         [0, 1, 2, 2, 0, 1]
-    assert T.rank_samples(rev, ["elppa", "elpa", "el ppa", "elpp4"], [True] * 4) == [0, 1, 2, 2]
+    assert T.rank_samples(rev, ["e l p p a", "e l p a", "elppa", "e l p p 4", "e  l"], [True] * 5) == \
+        [0, 1, 2, 2, 2]
     assert T.rank_samples(add, ["7"], [False]) == [0]  # the verifier decides correctness, cut or not
     p = T.sampled_preference(add, ["8", "7", "8", "x", "7"], [True] * 5)
     assert p.responses == ["8", "7", "x"] and p.ranks == [1, 0, 2] and p.example is add

@@ -2,7 +2,8 @@
 
     1. the fictional world      entities with attributes, and the plain sentences that state them
     2. the tasks                add, compare, reverse, sort, count, world: prompt -> the one accepted answer
-    3. splits                   a prompt is held out by a hash of its identity, never by a seed
+    3. splits                   by a hash of a prompt's identity, never by a seed: held out (20%), and of the
+                                rest, SFT prompts and RL prompts (reward data, PPO/GRPO/DPO), disjoint
     4. preferences              K responses per prompt, ranked by a documented rule
     5. user data                JSONL of `messages` (SFT) and of preferences (pairs or K-way rankings)
 
@@ -12,6 +13,11 @@ accuracy is exact match against `Example.answer`, never a model's opinion.
 
 Held-out prompts: whether a prompt is held out depends only on a hash of its canonical key (e.g.
 `add:3+4`), the same for every seed, so no training draw under any seed can produce a held-out prompt.
+
+Letters are written out ("Reverse the letters k a m e l."): a BPE model sees a word as one or two tokens and
+cannot see the letters inside them (with whole words, SFT learnt reverse and sort for its training words only:
+0.0-0.08 held out), whereas one token per letter makes reverse, sort and count skills that carry over to unseen
+words. The words are the WORDS below plus ~15k made-up ones, so no model memorises them all.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -28,6 +35,8 @@ from typing import Iterable, Sequence
 from glassmind.common import GlassmindError
 
 HELDOUT_FRACTION = 0.2
+RL_FRACTION = 0.375  # of the prompts not held out (so 30% of all): the RL split; the other 50% are SFT's
+SPLITS = ("sft", "rl", "heldout", "train")
 
 # ======================================================================================================
 # 1. The fictional world
@@ -120,6 +129,30 @@ WORDS = ("cat", "dog", "sun", "map", "cup", "pen", "box", "hat", "egg", "jar", "
          "river", "stone", "table", "tiger", "water", "zebra", "banana", "garden", "pencil", "rabbit",
          "silver", "window")
 TASKS = ("add", "compare", "reverse", "sort", "count", "world")
+# Skill tasks: one procedure answers every prompt, so what is learnt on some prompts carries over to unseen ones.
+# add (numbers under 20, one token each: 3 + 4 = 7 is an entry of a memorised table) and world (one sentence
+# per fact) are recall for a model this small. RL can carry a skill to held-out prompts, not a fact: PPO with
+# the verifier on add lifted its own prompts from 0.44 to 0.54 and left held-out add at 0.18.
+SKILL_TASKS = ("compare", "reverse", "sort", "count")
+N_MADE_UP_WORDS = 10_000  # three-syllable words drawn by a fixed seed, on top of every two-syllable one
+
+
+@functools.lru_cache(maxsize=1)
+def letter_words() -> tuple[str, ...]:
+    """The words of reverse, sort and count: WORDS, every two-syllable made-up word (consonant + vowel twice,
+    4900 of them) and N_MADE_UP_WORDS three-syllable ones from a fixed seed; about 15k, the same everywhere."""
+    syllables = [c + v for c in _CONSONANTS for v in _VOWELS]
+    rng = random.Random("glassmind-letter-words")
+    made_up = {a + b for a in syllables for b in syllables}
+    three: set[str] = set()
+    while len(three) < N_MADE_UP_WORDS:
+        three.add("".join(rng.choice(syllables) for _ in range(3)))
+    return tuple(dict.fromkeys([*WORDS, *sorted(made_up), *sorted(three)]))
+
+
+def spell(word: str) -> str:
+    """'tiger' -> 't i g e r': one token per letter."""
+    return " ".join(word)
 
 
 @dataclass(frozen=True)
@@ -155,20 +188,22 @@ def _pool_compare() -> list[Example]:
 
 
 def _pool_reverse() -> list[Example]:
-    return [Example("reverse", f"reverse:{w}", f"Reverse the word {w}.", w[::-1]) for w in WORDS]
+    return [Example("reverse", f"reverse:{w}", f"Reverse the letters {spell(w)}.", spell(w[::-1]))
+            for w in letter_words()]
 
 
 def _pool_sort() -> list[Example]:
-    return [Example("sort", f"sort:{w}", f"Sort the letters of {w}.", "".join(sorted(w))) for w in WORDS]
+    return [Example("sort", f"sort:{w}", f"Sort the letters {spell(w)}.", spell("".join(sorted(w))))
+            for w in letter_words()]
 
 
 def _pool_count() -> list[Example]:
     out = []
-    for w in WORDS:
+    for w in letter_words():
         absent = next(c for c in "eatonisr" if c not in w)  # one letter with the answer 0 per word
         for c in sorted(set(w)) + [absent]:
-            out.append(Example("count", f"count:{c}:{w}", f"How many times does the letter {c} appear in {w}?",
-                               str(w.count(c))))
+            out.append(Example("count", f"count:{c}:{w}",
+                               f"How many times does the letter {c} appear in {spell(w)}?", str(w.count(c))))
     return out
 
 
@@ -213,19 +248,45 @@ def is_heldout(key: str) -> bool:
     return _unit_hash(f"glassmind-heldout:{key}") < HELDOUT_FRACTION
 
 
+def split_of(key: str) -> str:
+    """'heldout' (HELDOUT_FRACTION of the prompts), else 'rl' (RL_FRACTION of the rest) or 'sft'.
+
+    Why SFT and RL get different prompts (as InstructGPT's SFT, reward-model and PPO prompt sets were): SFT
+    fits its prompts (0.87 of the demo's rollouts on them were right against 0.49 held out), so RL on the same
+    prompts has little left to learn there, and what it does learn is those prompts' answers, not the skill."""
+    if is_heldout(key):
+        return "heldout"
+    return "rl" if _unit_hash(f"glassmind-rl:{key}") < RL_FRACTION else "sft"
+
+
+@functools.lru_cache(maxsize=64)
+def _splits(task: str, world_seed: int) -> dict[str, tuple[Example, ...]]:
+    by: dict[str, list[Example]] = {name: [] for name in SPLITS}
+    for e in pool(task, world_seed):
+        split = split_of(e.key)
+        by[split].append(e)
+        if split != "heldout":
+            by["train"].append(e)
+    return {name: tuple(v) for name, v in by.items()}
+
+
 def split_pool(task: str, split: str, world_seed: int = 0) -> list[Example]:
-    if split not in ("train", "heldout"):
-        raise GlassmindError(f"split must be 'train' or 'heldout', got {split!r}")
-    want = split == "heldout"
-    return [e for e in pool(task, world_seed) if is_heldout(e.key) == want]
+    """The prompts of one split, in the pool's order: 'sft', 'rl', 'heldout', or 'train' (sft and rl)."""
+    if split not in SPLITS:
+        raise GlassmindError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return list(_splits(task, world_seed)[split])
 
 
-def train_examples(n: int, seed: int = 0, tasks: Iterable[str] | None = None, world_seed: int = 0) -> list[Example]:
-    """`n` training examples, the tasks taken in turn (balanced), each drawn from its train split by
-    `random.Random(seed)`. Draws repeat once a small pool is exhausted (reverse has ~50 train words)."""
+def train_examples(n: int, seed: int = 0, tasks: Iterable[str] | None = None, world_seed: int = 0,
+                   split: str = "sft") -> list[Example]:
+    """`n` training examples, the tasks taken in turn (balanced), each drawn from the `split` ('sft': for
+    instruction tuning; 'rl': for reward data and RL; 'train': both) by `random.Random(seed)`. Draws repeat
+    once a small pool is exhausted (world has 53 SFT questions)."""
     tasks = _check_tasks(tasks)
+    if split == "heldout":
+        raise GlassmindError("training examples never come from the held-out split: use heldout_examples")
     rng = random.Random(f"glassmind-train:{seed}")
-    pools = {t: split_pool(t, "train", world_seed) for t in tasks}
+    pools = {t: split_pool(t, split, world_seed) for t in tasks}
     return [rng.choice(pools[tasks[i % len(tasks)]]) for i in range(n)]
 
 
@@ -242,10 +303,10 @@ def heldout_examples(per_task: int, tasks: Iterable[str] | None = None, world_se
 
 
 def dev_examples(per_task: int, tasks: Iterable[str] | None = None, world_seed: int = 0, *,
-                 skip: int = 50) -> list[Example]:
+                 skip: int = 200) -> list[Example]:
     """Held-out prompts for tuning: per task those that come after the first `skip` in `heldout_examples`'s
-    order, so they never overlap a report made with `heldout_examples(skip)`. Small pools (reverse 9, sort 12,
-    world 24 held out) have none past 50: a dev split exists for add, compare and count only."""
+    order, so they never overlap a report made with `heldout_examples(skip)` (the demo reports 200 per task).
+    The small pools (add 77 held out, world 24) have none past 200."""
     tasks = _check_tasks(tasks)
     chosen = {t: sorted(split_pool(t, "heldout", world_seed), key=lambda e: _unit_hash(e.key))[skip:skip + per_task]
               for t in tasks}
@@ -295,11 +356,11 @@ def _near_misses(e: Example, rng: random.Random) -> list[str]:
     elif e.task == "compare":
         a, b = (int(x) for x in e.key.split(":")[1:])
         options = [str(min(a, b)), str(max(a, b) + rng.choice((1, 10)))]
-    elif e.task in ("reverse", "sort"):
-        word = e.answer
+    elif e.task in ("reverse", "sort"):  # letters swapped or rotated, or the word as given, spelled out too
+        word = e.answer.replace(" ", "")
         options = sorted({word[:i] + word[i + 1] + word[i] + word[i + 2:] for i in range(len(word) - 1)} - {word})
         options += [word[1:] + word[0], word[-1] + word[:-1], e.key.split(":", 1)[1]]
-        options = [o for o in dict.fromkeys(options) if o != word]
+        options = [spell(o) for o in dict.fromkeys(options) if o != word]
     else:
         attr = e.key.split(":")[2]
         values = {"kind": KINDS, "color": COLORS, "town": TOWNS, "food": FOODS}[attr]
@@ -333,9 +394,14 @@ SAMPLE_RANK_RULE = ("correct", "well_formed", "other")
 
 
 def well_formed(e: Example, reply: str) -> bool:
-    """Whether `reply` has the answer's form: digits for a numeric answer, else a single word of letters."""
+    """Whether `reply` has the answer's form: digits for a numeric answer, letters with single spaces for a
+    spelled-out one (reverse, sort), else a single word of letters."""
     r = reply.strip()
-    return r.isdigit() if e.answer.isdigit() else (r.isalpha() and r.isascii())
+    if e.answer.isdigit():
+        return r.isdigit()
+    if " " in e.answer:
+        return re.fullmatch(r"[a-z]( [a-z])*", r) is not None
+    return r.isalpha() and r.isascii()
 
 
 def rank_samples(e: Example, replies: Sequence[str], ended: Sequence[bool]) -> list[int]:
@@ -358,9 +424,10 @@ def sampled_preference(e: Example, replies: Sequence[str], ended: Sequence[bool]
 
 def builtin_preferences(split: str, n: int, seed: int = 0, tasks: Iterable[str] | None = None,
                         world_seed: int = 0) -> list[Preference]:
-    """`n` built-in preferences: from training prompts (`split="train"`, drawn by seed) or the held-out ones."""
-    if split == "train":
-        examples = train_examples(n, seed, tasks, world_seed)
+    """`n` built-in preferences: on prompts drawn by seed from `split` ('rl', where reward models and DPO learn;
+    'sft'; 'train') or on the held-out ones (`split="heldout"`, the same every call)."""
+    if split != "heldout":
+        examples = train_examples(n, seed, tasks, world_seed, split)
     else:
         examples = heldout_examples(max(1, -(-n // len(_check_tasks(tasks)))), tasks, world_seed)[:n]
     rng = random.Random(f"glassmind-prefs:{split}:{seed}")

@@ -126,7 +126,7 @@ def dpo(cfg: DPOConfig) -> dict:
     policy, tok, fmt = load_chat_run(cfg.policy, "--policy")
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     prefs = (task_lib.read_preferences_jsonl(cfg.data) if cfg.data
-             else task_lib.builtin_preferences("train", cfg.n_prefs, cfg.seed, cfg.tasks, cfg.world_seed))
+             else task_lib.builtin_preferences("rl", cfg.n_prefs, cfg.seed, cfg.tasks, cfg.world_seed))
     pairs = preference_pairs(prefs)
     if not pairs:
         raise GlassmindError("the preferences hold no strict pair (every ranking is a tie): nothing to prefer")

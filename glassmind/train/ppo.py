@@ -171,7 +171,7 @@ def step_prompts(cfg, step: int, n: int, user: list[list[dict]] | None) -> tuple
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(len(user), (n,), generator=g).tolist()
         return [user[i] for i in idx], [None] * n
-    examples = task_lib.train_examples(n, cfg.seed * 1_000_003 + step, cfg.tasks, cfg.world_seed)
+    examples = task_lib.train_examples(n, cfg.seed * 1_000_003 + step, cfg.tasks, cfg.world_seed, "rl")
     return [e.messages()[:1] for e in examples], examples
 
 

@@ -95,7 +95,7 @@ def rank_session(run: str, cfg: RankConfig, *, read: Callable[[], Optional[str]]
 
         prompts = read_prompts(cfg.prompts)
     else:
-        prompts = [e.messages()[:1] for e in task_lib.train_examples(cfg.n, cfg.seed, cfg.tasks, cfg.world_seed)]
+        prompts = [e.messages()[:1] for e in task_lib.train_examples(cfg.n, cfg.seed, cfg.tasks, cfg.world_seed, "rl")]
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {json.dumps(r["prompt"], sort_keys=True) for r in read_jsonl(out)} if out.exists() else set()

@@ -133,7 +133,7 @@ def preferences(cfg: RewardConfig) -> tuple[list[task_lib.Preference], list[task
         if not train:
             raise GlassmindError(f"{cfg.data}: every prompt fell in the held-out split; lower --val-fraction")
         return train, val
-    return (task_lib.builtin_preferences("train", cfg.n_prefs, cfg.seed, cfg.tasks, cfg.world_seed),
+    return (task_lib.builtin_preferences("rl", cfg.n_prefs, cfg.seed, cfg.tasks, cfg.world_seed),
             task_lib.builtin_preferences("heldout", cfg.eval_prefs, cfg.seed, cfg.tasks, cfg.world_seed))
 
 

@@ -338,7 +338,7 @@ class SFTConfig:
 def conversations(cfg: SFTConfig) -> list[list[dict]]:
     if cfg.data:
         return task_lib.read_sft_jsonl(cfg.data)
-    return [e.messages() for e in task_lib.train_examples(cfg.n_examples, cfg.seed, cfg.tasks, cfg.world_seed)]
+    return [e.messages() for e in task_lib.train_examples(cfg.n_examples, cfg.seed, cfg.tasks, cfg.world_seed, "sft")]
 
 
 def render_all(fmt: ChatFormat, convs: Sequence[list[dict]], context: int) -> list[tuple[list[int], list[int]]]:

@@ -351,6 +351,25 @@ def test_align_demo_stage_tiny_reports_every_column_and_the_reward_model(base, r
     assert "best of 2 by the reward model" in (out / "alignment.md").read_text()
     assert set(res["stage_seconds"]) == set(res["stage_cpu_seconds"]) == {"sft", "reward_data", "reward", "ppo", "dpo"}
 
+    # the study: seeds with the reward model and with the verifier, each judged by the claim
+    study = align_demo.ppo_study(out / "sft", out / "reward", root / "study", seeds=(0, 1), kl0=False, push=None,
+                                 per_task=2, budget="tiny")
+    assert set(study["runs"]) == {"seed0", "seed1", "verifier-seed0", "verifier-seed1"}
+    assert json.loads((root / "study" / "ppo-verifier-seed1" / "ppo.json").read_text())["reward"] == "verifier"
+    for claim in (study, study["verifier"]):
+        assert len(claim["gains"]) == 2 and isinstance(claim["claim_met"], bool)
+    assert "PPO with the verifier" in (root / "study" / "ppo_study.md").read_text()
+
+
+def test_seed_claim_needs_every_seed_up_and_a_gain_above_the_spread():
+    from glassmind.train.align_demo import _seed_claim
+
+    met = _seed_claim([0.60, 0.62, 0.61], 0.50)
+    assert met["claim_met"] and met["gains"] == pytest.approx([0.10, 0.12, 0.11])
+    assert met["seed_spread"] == pytest.approx(0.02) and met["gain_mean"] == pytest.approx(0.11)
+    assert not _seed_claim([0.52, 0.60, 0.56], 0.50)["claim_met"]   # mean gain 0.06 < spread 0.08
+    assert not _seed_claim([0.49, 0.51, 0.50], 0.50)["claim_met"]   # one seed below SFT
+
 
 # ------------------------------------------------------------------------------------------------ dpo, grpo
 

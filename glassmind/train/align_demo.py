@@ -210,13 +210,14 @@ def reward_numbers(rm_run: str | Path, sft_run: str | Path, examples, *, k: int 
 
 def _table(columns: dict[str, dict]) -> str:
     names = list(columns)
-    lines = [f"{'task':<10}" + "".join(f"{n:>14}" for n in names)]
+    w = max(14, *(len(n) + 2 for n in names))
+    lines = [f"{'task':<10}" + "".join(f"{n:>{w}}" for n in names)]
     for t in task_lib.TASKS + ("all",):
         cells = []
         for n in names:
             res = columns[n]
             v = res["accuracy"] if t == "all" else res["per_task"].get(t)
-            cells.append(f"{'-' if v is None else f'{v:.3f}':>14}")
+            cells.append(f"{'-' if v is None else f'{v:.3f}':>{w}}")
         lines.append(f"{t:<10}" + "".join(cells))
     return "\n".join(lines)
 

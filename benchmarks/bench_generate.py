@@ -6,9 +6,11 @@ context 256; random weights (speed does not depend on them), built in transforme
 glassmind.model.interop.from_hf, so both run identical weights. Work: prompts of 32 tokens, 224 new tokens,
 greedy, no EOS (every sequence runs to the end), batch 1 and 8, fp32 and bf16.
 
-Sides: ours eager (the default Engine), ours compiled (`Engine(model, compile=True)`: the decode step
-compiled once per batch size with torch.compile/inductor, fixed shapes; `--no-compile` skips it) and
-transformers. Each round runs every side in a rotating order.
+Sides: ours eager (the default Engine: decode steps multiply by weights packed once per generate call,
+glassmind/infer/fast_linear.py), ours compiled (`Engine(model, compile=True)`: the decode step compiled
+once per batch size with torch.compile/inductor, fixed shapes, weights frozen and packed by inductor;
+`--no-compile` skips it), with `--unpacked` also ours eager with the model's own F.linear
+(`Engine(model, packed=False)`), and transformers. Each round runs every side in a rotating order.
 
 Metrics (medians over --reps alternating rounds; each round times, for each side, a generation of 1 token
 and a full one):
@@ -87,13 +89,15 @@ def measure(run, prompts: list[list[int]], new: int) -> tuple[dict, list[list[in
     return dict(ttft=w1, tps=n / (wn - w1), cpu_tps=n / (cn - c1)), out[0]
 
 
-def bench(reps: int, new: int, prompt_len: int, compiled: bool) -> list[dict]:
+def bench(reps: int, new: int, prompt_len: int, compiled: bool, unpacked: bool = False) -> list[dict]:
     rows = []
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         hf, ours = build(dtype)
         engines = {"ours": Engine(ours)}
         if compiled:
             engines["compiled"] = Engine(ours, compile=True)
+        if unpacked:
+            engines["unpacked"] = Engine(ours, packed=False)
         sides = {name: (lambda p, n, e=e: run_ours(e, p, n)) for name, e in engines.items()}
         sides["hf"] = lambda p, n: run_hf(hf, p, n)
         names = list(sides)
@@ -147,21 +151,29 @@ def table(rows: list[dict], reps: int, new: int, prompt_len: int) -> str:
             lines.append(f"| | | ours compiled (first call {r['compile_s']:.0f} s) | {r['compiled_tps']:.0f} | "
                          f"{r['compiled_ratio']:.2f}x | {r['compiled_cpu_ratio']:.2f}x | "
                          f"{1000 * r['compiled_ttft']:.1f} | {'= eager' if r['same_compiled'] else 'no'} |")
+        if "unpacked_tps" in r:
+            lines.append(f"| | | ours eager, F.linear (packed=False) | {r['unpacked_tps']:.0f} | "
+                         f"{r['unpacked_ratio']:.2f}x | {r['unpacked_cpu_ratio']:.2f}x | "
+                         f"{1000 * r['unpacked_ttft']:.1f} | |")
     return "\n".join(lines)
 
 
-def profile(batch: int = 1, steps: int = 64, rounds: int = 5, compiled: bool = True) -> None:
-    """Where our per-token decode time goes (fp32), in CPU time per decode step (medians of alternating
-    rounds): the engine's whole step, the model's decode step alone, the same matmuls called directly, the
-    attention kernel alone, for the eager and the compiled step; then the floor the matmuls cannot beat
-    (weights read once per step at the measured memory bandwidth), then torch.profiler's top operators."""
+def profile(batch: int = 1, steps: int = 64, rounds: int = 5, compiled: bool = True,
+            dtype: torch.dtype = torch.float32) -> None:
+    """Where our per-token decode time goes, in CPU time per decode step (medians of alternating rounds):
+    the engine's whole step, the model's decode step alone, the same matmuls called directly (with the
+    packed kernels the engine uses, fast_linear.py, and with plain F.linear), the attention kernel alone,
+    for the eager and the compiled step; the cost of packing the weights (once per generate call); then the
+    floor the matmuls cannot beat (weights read once per step at the measured memory bandwidth), then
+    torch.profiler's top operators."""
     import torch.nn.functional as F
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
     from glassmind.infer.engine import CompiledDecoderBatch, DecoderBatch
+    from glassmind.infer.fast_linear import DecodeView, PackedLinear
 
-    _, ours = build(torch.float32)
+    _, ours = build(dtype)
     engines = {"eager": Engine(ours)}
     if compiled:
         engines["compiled"] = Engine(ours, compile=True)
@@ -169,10 +181,11 @@ def profile(batch: int = 1, steps: int = 64, rounds: int = 5, compiled: bool = T
     cfg = ours.config
     linears = [(m.weight, m.bias) for m in ours.modules() if isinstance(m, torch.nn.Linear)]
     linears.append((ours.token_embedding.weight, None))  # the tied LM head
-    xs = {w.shape[1]: torch.randn(batch, 1, w.shape[1]) for w, _ in linears}
+    packed = [PackedLinear(w, b, batch) for w, b in linears]
+    xs = {w.shape[1]: torch.randn(batch, 1, w.shape[1], dtype=dtype) for w, _ in linears}
     H, D = cfg.n_heads, cfg.head_dim
-    q = torch.randn(batch, H, 1, D)
-    kv = torch.randn(batch, H, 32 + steps // 2, D)  # the average cache length over the run
+    q = torch.randn(batch, H, 1, D, dtype=dtype)
+    kv = torch.randn(batch, H, 32 + steps // 2, D, dtype=dtype)  # the average cache length over the run
     mask = torch.ones(batch, 1, 1, kv.shape[2], dtype=torch.bool)  # the compiled step always passes one
 
     def cpu(fn) -> float:
@@ -200,6 +213,14 @@ def profile(batch: int = 1, steps: int = 64, rounds: int = 5, compiled: bool = T
         return cpu(lambda: [F.linear(xs[w.shape[1]], w, b) for _ in range(steps) for w, b in linears]) / steps
 
     @torch.inference_mode()
+    def packed_matmuls():
+        return cpu(lambda: [lin(xs[lin.weight.shape[1]]) for _ in range(steps) for lin in packed]) / steps
+
+    @torch.inference_mode()
+    def packing():  # what a generate call pays once, at its first decode step
+        return cpu(lambda: [DecodeView(ours, batch) for _ in range(3)]) / 3
+
+    @torch.inference_mode()
     def attention(k, mask):
         return cpu(lambda: [F.scaled_dot_product_attention(q, k, k, attn_mask=mask)
                             for _ in range(steps * cfg.n_layers)]) / steps
@@ -209,8 +230,9 @@ def profile(batch: int = 1, steps: int = 64, rounds: int = 5, compiled: bool = T
         return cpu(lambda: [w.sum() for _ in range(steps) for w, _ in linears]) / steps
 
     parts = {"eager engine step": lambda: engine_step(engines["eager"]),
-             "eager model step": lambda: model_step(lambda: DecoderBatch(ours, prompts, steps)),
-             "matmuls": matmuls, "attention (eager)": lambda: attention(kv, None),
+             "eager model step": lambda: model_step(lambda: DecoderBatch(ours, prompts, steps, fast=True)),
+             "matmuls": packed_matmuls, "matmuls (F.linear)": matmuls, "packing": packing,
+             "attention (eager)": lambda: attention(kv, None),
              "attention (compiled)": lambda: attention(kv, mask), "read weights": read_weights}
     if compiled:
         step_fn = engines["compiled"]._step
@@ -228,16 +250,24 @@ def profile(batch: int = 1, steps: int = 64, rounds: int = 5, compiled: bool = T
     for side in engines:
         total = med[f"{side} engine step"]
         attn = med[f"attention ({side})"]
-        rest = ("layer norms, GELU, adds, views, cache writes, module calls, Python" if side == "eager" else
-                "fused elementwise kernels, cache writes, the compiled code's wrapper and guards")
-        rows = [("matmuls (24 projections + the LM head, called alone)", med["matmuls"]),
-                (f"attention kernel ({cfg.n_layers} sdpa{', masked' if side == 'compiled' else ''})", attn),
-                (f"rest of the step: {rest}", med[f"{side} model step"] - med["matmuls"] - attn),
-                ("engine: logprob, choice, stop checks, bookkeeping", total - med[f"{side} model step"])]
-        print(f"{side}: decode at batch {batch}, fp32, CPU time per step (medians of {rounds}): "
+        if side == "eager":
+            rows = [("matmuls (24 projections + the LM head, called alone, packed)", med["matmuls"]),
+                    (f"attention kernel ({cfg.n_layers} sdpa)", attn),
+                    ("rest of the step: layer norms, GELU, adds, views, cache writes, module calls, Python",
+                     med["eager model step"] - med["matmuls"] - attn)]
+        else:  # inductor picks its own GEMM kernels (in bf16 faster than the packed ones alone): not split
+            rows = [(f"attention kernel ({cfg.n_layers} sdpa, masked)", attn),
+                    ("rest of the step: inductor's GEMMs, fused elementwise kernels, cache writes, wrapper, guards",
+                     med["compiled model step"] - attn)]
+        rows += [
+            (f"engine: logprob, choice, stop checks; {'packing' if side == 'eager' else 'the weight check'} "
+             f"(once per call) / {steps - 1}", total - med[f"{side} model step"])]
+        print(f"{side}: decode at batch {batch}, {str(dtype)[6:]}, CPU time per step (medians of {rounds}): "
               f"{1000 * total:.3f} ms ({1000 * total / batch:.3f} ms per token)")
         for name, v in rows:
             print(f"  {name:<94} {1000 * v:6.3f} ms  {100 * v / total:5.1f}%")
+    print(f"the same matmuls with F.linear: {1000 * med['matmuls (F.linear)']:.3f} ms; packing every weight "
+          f"(once per generate call, {DecodeView(ours, batch).kernels()}): {1000 * med['packing']:.2f} ms")
     n_bytes = sum(w.numel() * w.element_size() for w, _ in linears)
     print(f"floor: a step reads {n_bytes / 1e6:.1f} MB of weights; summing them alone takes "
           f"{1000 * med['read weights']:.3f} ms ({n_bytes / med['read weights'] / 1e9:.1f} GB/s on this core), the "
@@ -257,17 +287,20 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 round of 64 new tokens")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled engine (saves ~2 min)")
+    ap.add_argument("--unpacked", action="store_true", help="also time Engine(model, packed=False)")
     ap.add_argument("--profile-batch", type=int, default=1, help="batch size of --profile")
+    ap.add_argument("--profile-dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of --profile")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.profile:
-        profile(args.profile_batch, compiled=not args.no_compile)
+        profile(args.profile_batch, compiled=not args.no_compile,
+                dtype=torch.bfloat16 if args.profile_dtype == "bf16" else torch.float32)
         return
     if args.quick:
         args.reps, args.new = 1, 64
-    rows = bench(args.reps, args.new, args.prompt, not args.no_compile)
+    rows = bench(args.reps, args.new, args.prompt, not args.no_compile, args.unpacked)
     print()
     print(table(rows, args.reps, args.new, args.prompt))
 

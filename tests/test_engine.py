@@ -374,6 +374,35 @@ def test_compiled_step_equals_the_eager_step():
     for x, y in zip(engine.generate(prompts, params), Engine(model).generate(prompts, params)):
         assert x.ids == y.ids and x.finish_reason == y.finish_reason
         assert x.logprobs == pytest.approx(y.logprobs, abs=ATOL)
+    # the weights are frozen (packed) into the compiled step: an in-place change that bumps no version
+    # counter must still be seen by the next call (a recompilation), not decoded with the old constants
+    before = [r.ids for r in engine.generate(prompts, params)]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data.mul_(-3.0)
+    after = engine.generate(prompts, params)
+    assert [r.ids for r in after] == [r.ids for r in Engine(model).generate(prompts, params)] != before
+
+
+@pytest.mark.skipif(not os.environ.get("GLASSMIND_TEST_BF16_COMPILE"),
+                    reason="~45 s of max-autotune compilation; set GLASSMIND_TEST_BF16_COMPILE=1 to run")
+def test_compiled_bf16_step_equals_the_eager_step_to_rounding():
+    """bf16 compiles with concat_linear and max-autotune's C++ GEMMs (CompiledStep): the same logits as the
+    eager step to bf16 rounding (a few units in the last place of logits of order 3)."""
+    from glassmind.infer.engine import CompiledDecoderBatch
+
+    model = tiny(init_std=0.2).to(torch.bfloat16)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    engine = Engine(model, compile=True)
+    g = torch.Generator().manual_seed(7)
+    eager, compiled = DecoderBatch(model, prompts, room=8), CompiledDecoderBatch(model, prompts, engine._step)
+    with torch.inference_mode():
+        a, b = eager.prefill(), compiled.prefill()
+        for _ in range(6):
+            assert a.abs().max() > 1
+            torch.testing.assert_close(b, a, atol=0.08, rtol=0)
+            tok = torch.randint(0, 97, (3,), generator=g)
+            a, b = eager.step(tok), compiled.step(tok)
 
 
 # ------------------------------------------------------------------------------ transformers parity

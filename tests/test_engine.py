@@ -346,17 +346,23 @@ def test_chat_reply_with_the_kept_cache_prefills_only_the_new_part(run_dir):
     assert any("context full" in s for s in shown)
 
 
+def eager_and_compiled(model, room: int):
+    """A left-padded batch of 3 prompts, a compiling Engine, and the same batch as an eager DecoderBatch and as
+    a CompiledDecoderBatch over that engine's step."""
+    from glassmind.infer.engine import CompiledDecoderBatch
+
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    engine = Engine(model, compile=True)
+    return prompts, engine, DecoderBatch(model, prompts, room=room), CompiledDecoderBatch(model, prompts, engine._step)
+
+
 def test_compiled_step_equals_the_eager_step():
     """The compiled decode step (static shapes, the whole cache under a mask) against the eager step, on a
     left-padded batch with rows finishing at different times; about 20 s of compilation on 2 cores."""
-    from glassmind.infer.engine import CompiledDecoderBatch
-
     pytest.importorskip("torch._inductor")
     model = tiny(positional="learned")
-    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
-    engine = Engine(model, compile=True)
+    prompts, engine, eager, compiled = eager_and_compiled(model, room=13)
     g = torch.Generator().manual_seed(7)
-    eager, compiled = DecoderBatch(model, prompts, room=13), CompiledDecoderBatch(model, prompts, engine._step)
     with torch.inference_mode():
         a, b = eager.prefill(), compiled.prefill()
         for _ in range(10):
@@ -389,13 +395,9 @@ def test_compiled_step_equals_the_eager_step():
 def test_compiled_bf16_step_equals_the_eager_step_to_rounding():
     """bf16 compiles with concat_linear and max-autotune's C++ GEMMs (CompiledStep): the same logits as the
     eager step to bf16 rounding (a few units in the last place of logits of order 3)."""
-    from glassmind.infer.engine import CompiledDecoderBatch
-
     model = tiny(init_std=0.2).to(torch.bfloat16)
-    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
-    engine = Engine(model, compile=True)
+    _, _, eager, compiled = eager_and_compiled(model, room=8)
     g = torch.Generator().manual_seed(7)
-    eager, compiled = DecoderBatch(model, prompts, room=8), CompiledDecoderBatch(model, prompts, engine._step)
     with torch.inference_mode():
         a, b = eager.prefill(), compiled.prefill()
         for _ in range(6):

@@ -353,12 +353,17 @@ def test_align_demo_stage_tiny_reports_every_column_and_the_reward_model(base, r
 
     # the study: seeds with the reward model and with the verifier, each judged by the claim
     study = align_demo.ppo_study(out / "sft", out / "reward", root / "study", seeds=(0, 1), kl0=False, push=None,
-                                 per_task=2, budget="tiny")
-    assert set(study["runs"]) == {"seed0", "seed1", "verifier-seed0", "verifier-seed1"}
+                                 long_steps=3, per_task=2, budget="tiny")
+    assert set(study["runs"]) == {"seed0", "seed1", "verifier-seed0", "verifier-seed1", "verifier-long-seed0",
+                                  "verifier-long-seed1", "long"}
     assert json.loads((root / "study" / "ppo-verifier-seed1" / "ppo.json").read_text())["reward"] == "verifier"
-    for claim in (study, study["verifier"]):
+    long_cfg = json.loads((root / "study" / "ppo-verifier-long-seed1" / "ppo.json").read_text())
+    assert (long_cfg["reward"], long_cfg["steps"], long_cfg["seed"]) == ("verifier", 3, 1)
+    assert json.loads((root / "study" / "ppo-long" / "ppo.json").read_text())["steps"] == 3
+    for claim in (study, study["verifier"], study["verifier_long"]):
         assert len(claim["gains"]) == 2 and isinstance(claim["claim_met"], bool)
-    assert "PPO with the verifier" in (root / "study" / "ppo_study.md").read_text()
+    text = (root / "study" / "ppo_study.md").read_text()
+    assert "PPO with the verifier:" in text and "PPO with the verifier for 3 steps:" in text
 
 
 def test_seed_claim_needs_every_seed_up_and_a_gain_above_the_spread():

@@ -142,7 +142,7 @@ def test_builtin_preferences_follow_the_rule():
 
 def test_dev_split_is_heldout_and_disjoint_from_the_report():
     """Tuning prompts: held out from training, and never among the first `skip` per task that a report uses."""
-    report = {e.key for e in T.heldout_examples(200)}
+    report = {e.key for e in T.heldout_examples(T.REPORT_PER_TASK)}
     dev = T.dev_examples(100)
     assert dev and all(T.is_heldout(e.key) for e in dev)
     assert not report & {e.key for e in dev}

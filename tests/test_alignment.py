@@ -185,6 +185,39 @@ def test_reward_model_trains_on_user_rankings_with_ties(sft_run, root, tmp_path)
     assert (out / reward.HEAD_FILE).is_file()
 
 
+def test_reward_score_adds_the_reply_loglik_and_a_frozen_trunk_stays(sft_run, root):
+    """--score head+loglik adds to the head's score the trunk's log-likelihood of the reply (the tokens after the
+    last <|assistant|>), whatever the padding side; --freeze-trunk trains the head alone; the kind of score is
+    saved with the run and comes back with load_reward_model."""
+    torch.set_num_threads(1)
+    out = root / "rm-loglik"
+    assert reward.main(args_reward(sft_run, out) + ["--score", "head+loglik", "--freeze-trunk"]) == 0
+    same_weights(sft_run, out)  # the trunk is the SFT model's, bit for bit
+    rm = reward.load_reward_model(out)
+    assert rm.score_kind == "head+loglik"
+    assert reward.load_reward_model(root / "rm").score_kind == "head"  # a head-only run stays head-only
+    head_only = reward.RewardModel(rm.trunk)
+    head_only.head = rm.head
+    _, _, fmt = sft.load_chat_run(sft_run)
+    prompt = fmt.render_prompt([{"role": "user", "content": "Reverse the letters k a m e l."}])
+    rows = [prompt + fmt.render_reply("l e m a k"), prompt + fmt.render_reply("l e")]
+    want = []
+    with torch.no_grad():
+        for r in rows:  # one row at a time, unpadded: log p(token j | tokens < j) for the reply's tokens
+            ids = torch.tensor([r])
+            logp = torch.log_softmax(rm.trunk(ids)[0].float(), -1)
+            loglik = sum(float(logp[j - 1, r[j]]) for j in range(len(prompt), len(r)))
+            want.append(float(head_only(ids, torch.ones_like(ids))[0]) + loglik)
+        for side in ("right", "left"):
+            ids, attn = rl.pad_rows(rows, fmt.pad_id, side=side)
+            assert rm(ids, attn).tolist() == pytest.approx(want, abs=1e-4)
+    assert not torch.equal(load_file(str(out / reward.HEAD_FILE))["proj.weight"],
+                           load_file(str(root / "rm" / reward.HEAD_FILE))["proj.weight"])
+    with pytest.raises(GlassmindError, match="--score"):
+        reward.train_reward(reward.RewardConfig(parent=str(sft_run), out=str(root / "rm-bad"), score="loglik"))
+    assert not (root / "rm-bad").exists()
+
+
 # ------------------------------------------------------------------------------------------------ ppo
 
 

@@ -278,6 +278,15 @@ def test_ppo_and_grpo_refuse_torchrun(monkeypatch, verb):
     sft.refuse_unlaid_processes(verb)
 
 
+def test_reward_refuses_a_layout_for_loglik_or_frozen_trunk(bases, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for extra in (dict(score="head+loglik"), dict(freeze_trunk=True)):
+        with pytest.raises(GlassmindError, match="one process only"):
+            reward.train_reward(reward.RewardConfig(parent=str(bases[0]), out=str(tmp_path / "rm"),
+                                                    parallel="zero=2", **extra))
+    assert not (tmp_path / "rm").exists()
+
+
 def test_reward_refuses_ddp_for_an_untied_parent(bases, tmp_path, monkeypatch):
     """DDP expects a gradient for every parameter, and the reward model never uses the parent's untied output
     head: refused before anything is written, naming the layouts that work (fsdp and tp)."""

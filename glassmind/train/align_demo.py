@@ -422,10 +422,18 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", default="runs/demo/align", help="where the stages write their runs")
         p.add_argument("--study", action="store_true", help="also run PPO with 3 seeds and with KL coefficient 0")
         p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all)")
+        p.add_argument("--study-reward", default=None, metavar="RM_RUN",
+                       help="run only the study's 3 reward-model seeds, against this reward model (e.g. one from a "
+                            "larger SFT model), into OUT/study-<its name>")
         args = p.parse_args(argv)
+        out = Path(args.out)
+        if args.study_reward:
+            rm = Path(args.study_reward)
+            ppo_study(out / "sft", rm, out / f"study-{rm.name}", kl0=False, push=None, verifier=False,
+                      long_steps=None, threads=args.threads)
+            return 0
         demo_stage(args.base, args.out, threads=args.threads)
         if args.study:
-            out = Path(args.out)
             ppo_study(out / "sft", out / "reward", out / "study", threads=args.threads)
         return 0
 

@@ -398,6 +398,13 @@ def test_align_demo_stage_tiny_reports_every_column_and_the_reward_model(base, r
     text = (root / "study" / "ppo_study.md").read_text()
     assert "PPO with the verifier:" in text and "PPO with the verifier for 3 steps:" in text
 
+    # --study-reward: only the reward-model seeds, against another reward model, into OUT/study-<its name>
+    assert align_demo.main(["--base", str(base), "--out", str(out), "--study-reward", str(out / "reward"),
+                            "--budget", "tiny", "--threads", "1"]) == 0
+    other = json.loads((out / "study-reward" / "ppo_study.json").read_text())
+    assert set(other["runs"]) == {"seed0", "seed1", "seed2"} and "verifier" not in other
+    assert json.loads((out / "study-reward" / "ppo-seed2" / "ppo.json").read_text())["reward"] == str(out / "reward")
+
 
 def test_seed_claim_needs_every_seed_up_and_a_gain_above_the_spread():
     from glassmind.train.align_demo import _seed_claim

@@ -425,16 +425,20 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--study-reward", default=None, metavar="RM_RUN",
                        help="run only the study's 3 reward-model seeds, against this reward model (e.g. one from a "
                             "larger SFT model), into OUT/study-<its name>")
+        p.add_argument("--budget", choices=tuple(BUDGETS), default="small",
+                       help="small (the demo's settings) or tiny (a smoke test)")
         args = p.parse_args(argv)
         out = Path(args.out)
+        per_task = BUDGETS[args.budget]["final_per_task"]
         if args.study_reward:
             rm = Path(args.study_reward)
             ppo_study(out / "sft", rm, out / f"study-{rm.name}", kl0=False, push=None, verifier=False,
-                      long_steps=None, threads=args.threads)
+                      long_steps=None, per_task=per_task, budget=args.budget, threads=args.threads)
             return 0
-        demo_stage(args.base, args.out, threads=args.threads)
+        demo_stage(args.base, args.out, budget=args.budget, threads=args.threads)
         if args.study:
-            ppo_study(out / "sft", out / "reward", out / "study", threads=args.threads)
+            ppo_study(out / "sft", out / "reward", out / "study", per_task=per_task, budget=args.budget,
+                      threads=args.threads)
         return 0
 
     return run_main(body, argv)

@@ -185,7 +185,7 @@ def test_reward_model_trains_on_user_rankings_with_ties(sft_run, root, tmp_path)
     assert (out / reward.HEAD_FILE).is_file()
 
 
-def test_reward_score_adds_the_reply_loglik_and_a_frozen_trunk_stays(sft_run, root):
+def test_reward_score_adds_the_reply_loglik_and_a_frozen_trunk_stays(sft_run, rm_run, root):
     """--score head+loglik adds to the head's score the trunk's log-likelihood of the reply (the tokens after the
     last <|assistant|>), whatever the padding side; --freeze-trunk trains the head alone; the kind of score is
     saved with the run and comes back with load_reward_model."""
@@ -195,7 +195,7 @@ def test_reward_score_adds_the_reply_loglik_and_a_frozen_trunk_stays(sft_run, ro
     same_weights(sft_run, out)  # the trunk is the SFT model's, bit for bit
     rm = reward.load_reward_model(out)
     assert rm.score_kind == "head+loglik"
-    assert reward.load_reward_model(root / "rm").score_kind == "head"  # a head-only run stays head-only
+    assert reward.load_reward_model(rm_run).score_kind == "head"  # a head-only run stays head-only
     head_only = reward.RewardModel(rm.trunk)
     head_only.head = rm.head
     _, _, fmt = sft.load_chat_run(sft_run)
@@ -212,7 +212,7 @@ def test_reward_score_adds_the_reply_loglik_and_a_frozen_trunk_stays(sft_run, ro
             ids, attn = rl.pad_rows(rows, fmt.pad_id, side=side)
             assert rm(ids, attn).tolist() == pytest.approx(want, abs=1e-4)
     assert not torch.equal(load_file(str(out / reward.HEAD_FILE))["proj.weight"],
-                           load_file(str(root / "rm" / reward.HEAD_FILE))["proj.weight"])
+                           load_file(str(rm_run / reward.HEAD_FILE))["proj.weight"])
     with pytest.raises(GlassmindError, match="--score"):
         reward.train_reward(reward.RewardConfig(parent=str(sft_run), out=str(root / "rm-bad"), score="loglik"))
     assert not (root / "rm-bad").exists()

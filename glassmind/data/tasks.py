@@ -312,7 +312,7 @@ def dev_examples(per_task: int, tasks: Iterable[str] | None = None, world_seed: 
                  skip: int = REPORT_PER_TASK) -> list[Example]:
     """Held-out prompts for tuning: per task those that come after the first `skip` in `heldout_examples`'s
     order, so they never overlap a report made with `heldout_examples(skip)` (the demo reports REPORT_PER_TASK
-    per task). The small pools (add 77 held out, world 24) have none past 200."""
+    per task). The small pools (add 77 held out, world 24) have none past it."""
     tasks = _check_tasks(tasks)
     chosen = {t: sorted(split_pool(t, "heldout", world_seed), key=lambda e: _unit_hash(e.key))[skip:skip + per_task]
               for t in tasks}

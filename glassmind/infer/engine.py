@@ -210,7 +210,7 @@ class DecoderBatch:
 
 
 class CompiledDecoderBatch(DecoderBatch):
-    """A DecoderBatch whose decode steps run one compiled function of fixed shapes (see compiled_step).
+    """A DecoderBatch whose decode steps run one compiled function of fixed shapes (see CompiledStep).
 
     The cache spans the whole context; a step writes at the tensor `slot` and attends over the slots
     written so far, under a 4-D mask that is False for padding. That key count is the one size that changes
@@ -334,9 +334,6 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def compiled_step(model: nn.Module) -> CompiledStep:
-    return CompiledStep(model)
-
 
 class Seq2SeqBatch:
     """A batch of encoder-decoder sources: the encoder runs once in prefill; the cross-attention keys and
@@ -436,9 +433,9 @@ class Engine:
         self.decoder_start_token_id = (decoder_start_token_id if decoder_start_token_id is not None
                                        else self.config.pad_token_id)
         self.flops = FlopCounter(model) if self.config.arch != "encoder" else None
-        # compile=True: greedy/sample decode steps of a decoder run compiled_step (compiled on first use per
+        # compile=True: greedy/sample decode steps of a decoder run a CompiledStep (compiled on first use per
         # batch size, which takes seconds to a minute); prefill, beam search and encoder-decoders stay eager
-        self._step = compiled_step(model) if compile and self.config.arch == "decoder" else None
+        self._step = CompiledStep(model) if compile and self.config.arch == "decoder" else None
 
     def session(self) -> Session:
         """A Session: pass it to generate/stream to keep one conversation's KV cache between calls."""

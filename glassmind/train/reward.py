@@ -61,9 +61,9 @@ class RewardModel(nn.Module):
     the sum, over the tokens after the last `reply_start_id` (the assistant role token), of log p(token | prefix)
     from the trunk's LM head. A head on the last token must learn from rankings alone whether the letters of a
     reply are right, and a model as small as the demo's does not (it puts a correct reply above a wrong one
-    0.74-0.76 of the time on the policy's held-out samples). The likelihood is what the SFT model already knows about right
-    answers: untrained, it ranks those samples 0.80 (0.88 for a larger SFT model), and the head adds what the
-    rankings say beyond it (format, length)."""
+    0.74-0.76 of the time on the policy's held-out samples). The likelihood is what the SFT model already
+    knows about right answers: untrained, it ranks those samples 0.80 (0.88 for a larger SFT model), and the
+    head adds what the rankings say beyond it (format, length)."""
 
     def __init__(self, trunk: nn.Module, *, reply_start_id: int | None = None):
         super().__init__()

@@ -170,8 +170,9 @@ def profile(batch: int = 1, steps: int = 64, rounds: int = 5, compiled: bool = T
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    from glassmind.infer.engine import CompiledDecoderBatch, DecoderBatch
-    from glassmind.infer.fast_linear import DecodeView, PackedLinear
+    from glassmind.infer.batch import DecoderBatch
+    from glassmind.infer.compiled import CompiledDecoderBatch
+    from glassmind.infer.fast_linear import DecodeView, PackedLinear, packed_decode
 
     _, ours = build(dtype)
     engines = {"eager": Engine(ours)}
@@ -230,7 +231,7 @@ def profile(batch: int = 1, steps: int = 64, rounds: int = 5, compiled: bool = T
         return cpu(lambda: [w.sum() for _ in range(steps) for w, _ in linears]) / steps
 
     parts = {"eager engine step": lambda: engine_step(engines["eager"]),
-             "eager model step": lambda: model_step(lambda: DecoderBatch(ours, prompts, steps, fast=True)),
+             "eager model step": lambda: model_step(lambda: DecoderBatch(ours, prompts, steps, decode_model=packed_decode(ours, steps))),
              "matmuls": packed_matmuls, "matmuls (F.linear)": matmuls, "packing": packing,
              "attention (eager)": lambda: attention(kv, None),
              "attention (compiled)": lambda: attention(kv, mask), "read weights": read_weights}

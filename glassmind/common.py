@@ -208,6 +208,14 @@ def _flag_type(tp: Any):
     return tp
 
 
+def config_field(default: Any, help: str, **kw: Any) -> Any:
+    """A config dataclass field with its flag help (`choices=` and the like go in the metadata too); a list
+    default becomes a default_factory, so instances never share it."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: Iterable[str] = ()) -> None:
     """Add one `--field-name` flag per dataclass field; the help text is the field's `help` metadata."""
     hints = typing.get_type_hints(cls)

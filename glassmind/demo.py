@@ -5,17 +5,21 @@
     3. inference    generations from the decoder under each decoding strategy, with latency metrics
     4. alignment    SFT, reward model, PPO and DPO on the built-in tasks
 
-Each stage is a function of the verb that owns it; the demo only calls them in order and keeps a summary.
+The demo owns its stages and their budgets: each calls recipes (glassmind/recipes), the inference engine or a
+study (the alignment study's stage), never the reverse, and the demo keeps a summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sysconfig
 import time
 from pathlib import Path
+from typing import Any
 
-from glassmind.common import atomic_write_text, run_main
+from glassmind.common import GlassmindError, atomic_write_text, run_main
 
 SAMPLES = [
     "def fibonacci(n):",
@@ -59,11 +63,85 @@ def stage_tokenizers(out: Path, max_bytes: int, vocab_size: int) -> dict:
     return summary
 
 
+def greedy_sample(model, tok, prompt: str = "", *, max_new_tokens: int = 60) -> str:
+    """Greedy continuation of `prompt` from a decoder: the plain loop (no KV cache), cropped to the context.
+    An empty prompt starts a new document after `<|endoftext|>`."""
+    import torch
+
+    from glassmind.data.shards import separator_id
+
+    model.eval()
+    sep = separator_id(tok)
+    ids = [sep] + tok.encode(prompt)
+    device = next(model.parameters()).device
+    context = model.config.context_length
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        x = torch.tensor([(ids + new)[-context:]], device=device)
+        with torch.no_grad():
+            nxt = int(model(x)[0, -1].argmax())
+        if nxt == sep:
+            break
+        new.append(nxt)
+    return prompt + tok.decode(new)
+
+
+DEMO_BUDGETS = {
+    # name: (decoder settings, encoder and encoder-decoder settings). "small" is the demo's: ~2.5M tokens for
+    # the decoder (2-3 minutes at the ~18k tokens/s an idle 2-core CPU gives this size under bf16 autocast;
+    # far slower on a loaded machine), ~300k for each of the others. Small batches and a high lr: more
+    # updates from few tokens.
+    "small": (dict(depth=2, context=128, micro_batch=16, batch_tokens=2048, steps=1200, eval_every=200, lr=4e-3,
+                   val_fraction=0.02, dtype="bf16"),
+              dict(depth=2, context=64, micro_batch=16, batch_tokens=1024, steps=300, eval_every=100, lr=4e-3,
+                   val_fraction=0.05, dtype="bf16")),
+    "tiny": (dict(depth=1, context=32, micro_batch=4, batch_tokens=256, steps=6, eval_every=3,
+                  max_bytes=300_000, val_fraction=0.25, eval_batches=2, threads=1, progress=False),
+             dict(depth=1, context=32, micro_batch=4, batch_tokens=256, steps=4, eval_every=2,
+                  max_bytes=300_000, val_fraction=0.25, eval_batches=2, threads=1, progress=False)),
+}
+
+
+def pretrain_stage(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, budget: str = "small") -> dict:
+    """The demo's pre-training stage: a small decoder (causal LM), a tiny encoder (masked LM) and a tiny
+    encoder-decoder (span corruption) with the demo's BPE tokenizer (the encoder uses it RoBERTa-style, with an
+    added <|mask|>). Data: the standard library's top-level modules, the part of the built-in corpus that is
+    ordinary code (its packages open with codec tables and test data, poor teachers for a few minutes of
+    training). Returns, per family, the validation loss before and after, and a greedy sample from the
+    decoder (a model this small repeats itself under greedy decoding; the loss drop is the point)."""
+    from glassmind import tokenizer as tok_lib
+    from glassmind.model import load_model
+    from glassmind.recipes.pretrain import CONFIG_FILE, PretrainConfig, pretrain
+
+    if budget not in DEMO_BUDGETS:
+        raise GlassmindError(f"budget {budget!r}: use one of {', '.join(DEMO_BUDGETS)}")
+    dec_kw, small_kw = DEMO_BUDGETS[budget]
+    out_dir = Path(out_dir)
+    results: dict[str, Any] = {}
+    for arch, name, kw in (("decoder", "pretrain-decoder", dec_kw), ("encoder", "pretrain-encoder", small_kw),
+                           ("encoder-decoder", "pretrain-encoder-decoder", small_kw)):
+        run = out_dir / name
+        data = [os.path.join(sysconfig.get_paths()["stdlib"], "*.py")]
+        if arch == "decoder":  # the base model of the alignment stage: it must have read the fictional
+            # world that the built-in tasks ask about (~10% of its data), or those questions are guesses
+            from glassmind.data.tasks import write_world_corpus
+
+            data.append(str(write_world_corpus(out_dir / "world.txt", repeats=80)))
+        kw = {"data": data, **kw}
+        cfg = PretrainConfig(out=str(run), arch=arch, tokenizer=str(tokenizer_dir), ckpt_every=0, keep_last=1,
+                             resume=(run / CONFIG_FILE).exists(), **kw)
+        summary = pretrain(cfg)
+        results[arch] = {"run": str(run), "val_loss_before": summary["val_loss_start"],
+                         "val_loss_after": summary["val_loss"], "parameters": summary["parameters"],
+                         "tokens": summary["tokens"], "seconds": summary["seconds"]}
+    dec_run = out_dir / "pretrain-decoder"
+    results["decoder"]["sample"] = greedy_sample(load_model(dec_run), tok_lib.load(dec_run), "def __init__(self")
+    return results
+
+
 def stage_pretrain(out: Path, budget: str) -> dict:
     """A small decoder, encoder and encoder-decoder, each with its self-supervised objective."""
-    from glassmind.train.pretrain import demo_stage
-
-    results = demo_stage(out, out / "tokenizer-bpe", budget=budget)
+    results = pretrain_stage(out, out / "tokenizer-bpe", budget=budget)
     print("\n| family | objective | parameters | tokens | val loss before | val loss after | seconds |")
     print("|---|---|---|---|---|---|---|")
     objectives = {"decoder": "causal LM", "encoder": "masked LM", "encoder-decoder": "span corruption"}
@@ -74,20 +152,59 @@ def stage_pretrain(out: Path, budget: str) -> dict:
     return results
 
 
+def demo_strategies():
+    """The decoding strategies the demo compares (name, SamplingParams)."""
+    from glassmind.infer import SamplingParams
+
+    return (
+        ("greedy", SamplingParams(strategy="greedy")),
+        ("beam (4)", SamplingParams(strategy="beam", num_beams=4)),
+        ("sample (T=0.8, top-p 0.95)", SamplingParams(strategy="sample", temperature=0.8, top_p=0.95, seed=0)),
+        ("sample (T=1, min-p 0.05, rep 1.2)", SamplingParams(strategy="sample", min_p=0.05,
+                                                             repetition_penalty=1.2, seed=0)),
+    )
+
+
+def generate_stage(run_dir: str | Path, prompts: list[str], *, max_new_tokens: int = 48) -> str:
+    """Generate from a decoder run under each strategy (all prompts as one batch) and return a table of the
+    completions and their metrics, for `glassmind demo` to print."""
+    from glassmind.infer import Engine, SamplingParams
+    from glassmind.infer.generate import encode_prompt, load_run, stop_ids
+
+    model, tok = load_run(run_dir, device="cpu")
+    engine = Engine(model)
+    eos = stop_ids(tok)
+    ids = [encode_prompt(tok, p) for p in prompts]
+    rows = []
+    for name, base in demo_strategies():
+        params = SamplingParams(**{**base.__dict__, "max_new_tokens": max_new_tokens, "eos_token_ids": eos,
+                                   "top_logprobs": 0})
+        for p, r in zip(prompts, engine.generate(ids, params)):
+            m = r.metrics
+            text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in p + tok.decode(r.content_ids))
+            text = text.replace("|", "/").replace("`", "'")  # keep the markdown table intact
+            rows.append((name, text[:60] + ("..." if len(text) > 60 else ""), m.new_tokens,
+                         1000 * m.ttft_s, 1000 * (m.itl_p50_s or 0.0), m.tokens_per_s,
+                         sum(r.logprobs) / max(1, len(r.logprobs))))
+    head = ("strategy", "text", "new", "TTFT ms", "ITL p50 ms", "tok/s", "mean logprob")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for name, text, n, ttft, itl, tps, lp in rows:
+        lines.append(f"| {name} | `{text}` | {n} | {ttft:.1f} | {itl:.2f} | {tps:.0f} | {lp:.2f} |")
+    return "\n".join(lines)
+
+
 def stage_generate(out: Path) -> str:
     """The demo decoder under each decoding strategy, with time to first token and inter-token latency."""
-    from glassmind.infer.cli import demo_stage
-
-    table = demo_stage(out / "pretrain-decoder", ["def __init__(self", "import ", "class "])
+    table = generate_stage(out / "pretrain-decoder", ["def __init__(self", "import ", "class "])
     print(table)
     return table
 
 
 def stage_align(out: Path, budget: str) -> dict:
     """SFT, reward model, PPO and DPO from the demo decoder; prints the held-out accuracy table."""
-    from glassmind.train.align_demo import demo_stage
+    from glassmind.studies.alignment import alignment_stage
 
-    return demo_stage(out / "pretrain-decoder", out / "align", budget=budget)
+    return alignment_stage(out / "pretrain-decoder", out / "align", budget=budget)
 
 
 def main(argv: list[str] | None = None) -> int:

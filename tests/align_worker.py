@@ -20,7 +20,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from glassmind.parallel.mesh import init_process_group
-from glassmind.train import dpo, reward, sft
+from glassmind.recipes import dpo, reward, sft
+from glassmind.train import run as run_lib
 
 TIMEOUT_S = 60
 # (dpo's layouts run through the command line instead: tests/test_parallel_align.py, test_dpo_...)
@@ -53,7 +54,7 @@ def layout(text: str) -> list[str]:
 
 def run(verb: str, argv: list[str]) -> None:
     cls, fn, settings, renames = VERBS[verb]
-    fn(sft.parse_config(cls, argv, prog=f"glassmind {verb}", description=verb, settings_file=settings,
+    fn(run_lib.parse_config(cls, argv, prog=f"glassmind {verb}", description=verb, settings_file=settings,
                         renames=renames))
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from glassmind.model import ModelConfig, Transformer
-from glassmind.parallel import checkpoint as pckpt
+from glassmind.parallel import gather as pckpt
 from glassmind.parallel.apply import apply_parallel
 from glassmind.parallel.mesh import build_mesh, check_model, init_process_group, parse_spec
 from glassmind.parallel.pipeline import causal_lm_loss

@@ -24,9 +24,12 @@ from safetensors.torch import load_file
 
 from glassmind.common import GlassmindError
 from glassmind.data import tasks as T
-from glassmind.model import ModelConfig, Transformer
+from glassmind.model import ModelConfig, Transformer, save_model
 from glassmind.tokenizer.bpe import BPETokenizer
-from glassmind.train import checkpoint, dpo, grpo, ppo, rank, reward, rl, sft
+from glassmind.recipes import dpo, grpo, ppo, rank, reward, sft
+from glassmind.train import checkpoint, chat_runs, reward_model, rollouts
+from glassmind.train import run as run_lib
+from glassmind.train import losses as rl
 
 KILL = checkpoint.KILL_ENV
 
@@ -50,7 +53,7 @@ def base(root):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, context_length=96, d_model=32, n_heads=2, n_layers=1))
     out = root / "base"
-    model.save(out)
+    save_model(model, out)
     tok.save(out)
     return out
 
@@ -140,9 +143,9 @@ def test_sft_completes_and_resumes_after_kill(sft_run, base, root):
 
 def test_sft_refuses_to_clobber_or_change_a_run(sft_run, base):
     with pytest.raises(GlassmindError, match="already holds a run"):
-        sft.sft(sft.parse_config(sft.SFTConfig, args_sft(base, sft_run), prog="x", description="x",
+        sft.sft(run_lib.parse_config(sft.SFTConfig, args_sft(base, sft_run), prog="x", description="x",
                                  settings_file=sft.SETTINGS, renames={"parent": "--from"}))
-    cfg = sft.parse_config(sft.SFTConfig, args_sft(base, sft_run) + ["--resume", "--lr", "0.5"], prog="x",
+    cfg = run_lib.parse_config(sft.SFTConfig, args_sft(base, sft_run) + ["--resume", "--lr", "0.5"], prog="x",
                            description="x", settings_file=sft.SETTINGS, renames={"parent": "--from"})
     with pytest.raises(GlassmindError, match="lr"):
         sft.sft(cfg)
@@ -163,15 +166,15 @@ def test_sft_on_user_jsonl(base, root, tmp_path):
 
 def test_reward_completes_and_resumes_after_kill(rm_run, sft_run, root):
     run_files(rm_run)
-    assert (rm_run / reward.HEAD_FILE).is_file()
+    assert (rm_run / reward_model.HEAD_FILE).is_file()
     rows = [json.loads(line) for line in (rm_run / "metrics.jsonl").read_text().splitlines()]
     assert any("pairwise_acc" in r for r in rows)
-    rm = reward.load_reward_model(rm_run)
+    rm = reward_model.load_reward_model(rm_run)
     assert rm(torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long)).shape == (1,)
     killed("reward", args_reward(sft_run, root / "rm-k"), "4:optimizer")
     assert reward.main(args_reward(sft_run, root / "rm-k") + ["--resume"]) == 0
     same_weights(rm_run, root / "rm-k")
-    same_weights(rm_run, root / "rm-k", reward.HEAD_FILE)
+    same_weights(rm_run, root / "rm-k", reward_model.HEAD_FILE)
 
 
 def test_reward_model_trains_on_user_rankings_with_ties(sft_run, root, tmp_path):
@@ -182,7 +185,7 @@ def test_reward_model_trains_on_user_rankings_with_ties(sft_run, root, tmp_path)
     out = root / "rm-user"
     assert reward.main(["--from", str(sft_run), "--out", str(out), "--data", str(data), "--val-fraction", "0",
                         "--steps", "2", "--batch-size", "2", "--threads", "1", "--no-progress"]) == 0
-    assert (out / reward.HEAD_FILE).is_file()
+    assert (out / reward_model.HEAD_FILE).is_file()
 
 
 def test_reward_score_adds_the_reply_loglik_and_a_frozen_trunk_stays(sft_run, rm_run, root):
@@ -193,12 +196,12 @@ def test_reward_score_adds_the_reply_loglik_and_a_frozen_trunk_stays(sft_run, rm
     out = root / "rm-loglik"
     assert reward.main(args_reward(sft_run, out) + ["--score", "head+loglik", "--freeze-trunk"]) == 0
     same_weights(sft_run, out)  # the trunk is the SFT model's, bit for bit
-    rm = reward.load_reward_model(out)
+    rm = reward_model.load_reward_model(out)
     assert rm.score_kind == "head+loglik"
-    assert reward.load_reward_model(rm_run).score_kind == "head"  # a head-only run stays head-only
-    head_only = reward.RewardModel(rm.trunk)
+    assert reward_model.load_reward_model(rm_run).score_kind == "head"  # a head-only run stays head-only
+    head_only = reward_model.RewardModel(rm.trunk)
     head_only.head = rm.head
-    _, _, fmt = sft.load_chat_run(sft_run)
+    _, _, fmt = chat_runs.load_chat_run(sft_run)
     prompt = fmt.render_prompt([{"role": "user", "content": "Reverse the letters k a m e l."}])
     rows = [prompt + fmt.render_reply("l e m a k"), prompt + fmt.render_reply("l e")]
     want = []
@@ -211,8 +214,8 @@ def test_reward_score_adds_the_reply_loglik_and_a_frozen_trunk_stays(sft_run, rm
         for side in ("right", "left"):
             ids, attn = rl.pad_rows(rows, fmt.pad_id, side=side)
             assert rm(ids, attn).tolist() == pytest.approx(want, abs=1e-4)
-    assert not torch.equal(load_file(str(out / reward.HEAD_FILE))["proj.weight"],
-                           load_file(str(rm_run / reward.HEAD_FILE))["proj.weight"])
+    assert not torch.equal(load_file(str(out / reward_model.HEAD_FILE))["proj.weight"],
+                           load_file(str(rm_run / reward_model.HEAD_FILE))["proj.weight"])
     with pytest.raises(GlassmindError, match="--score"):
         reward.train_reward(reward.RewardConfig(parent=str(sft_run), out=str(root / "rm-bad"), score="loglik"))
     assert not (root / "rm-bad").exists()
@@ -221,24 +224,34 @@ def test_reward_score_adds_the_reply_loglik_and_a_frozen_trunk_stays(sft_run, rm
 # ------------------------------------------------------------------------------------------------ ppo
 
 
+def step_ppo(cfg, step, model, ref, rm, fmt, optimizer, kl_ctl, moments, prompts):
+    """ppo.ppo_step on the one-process layout, stepping through a Run (in a fresh folder: nothing is written)."""
+    import tempfile
+
+    from glassmind.parallel import single_process
+
+    run = run_lib.Run(dataclasses.replace(cfg, out=tempfile.mkdtemp()), ppo.SETTINGS)
+    return ppo.ppo_step(cfg, step, single_process(model), ref, rm, fmt, optimizer, kl_ctl, moments, prompts, run)
+
+
 def test_first_ppo_step_policy_equals_reference(sft_run, rm_run):
     """Before any update, the policy is the reference: every per-token KL is exactly 0, and the first
     minibatch's log-probs (with gradient) equal the scored ones bit for bit: ratio exactly 1."""
     torch.set_num_threads(1)
-    policy, tok, fmt = sft.load_chat_run(sft_run)
-    ref = ppo.frozen(copy.deepcopy(policy))
-    model = ppo.PolicyWithValue(policy, ppo.zero_value_head(policy.config.d_model))
+    policy, tok, fmt = chat_runs.load_chat_run(sft_run)
+    ref = rollouts.frozen(copy.deepcopy(policy))
+    model = rollouts.PolicyWithValue(policy, rollouts.zero_value_head(policy.config.d_model))
     cfg = ppo.PPOConfig(policy=str(sft_run), reward=str(rm_run), rollouts=4, minibatch=2, max_new_tokens=5)
-    messages, examples = ppo.step_prompts(cfg, 0, 4, None)
-    r = ppo.rollout(policy, fmt, messages, examples, max_new_tokens=5, temperature=1.0, seed=1)
-    order = ppo.minibatch_order(0, 0, 0, 4, 2)
-    old_logp, values, _, ref_logp = ppo.score_batch(model, ref, r, order)
+    messages, examples = rollouts.step_prompts(cfg, 0, 4, None)
+    r = rollouts.rollout(policy, fmt, messages, examples, max_new_tokens=5, temperature=1.0, seed=1)
+    order = rollouts.minibatch_order(0, 0, 0, 4, 2)
+    old_logp, values, _, ref_logp = rollouts.score_batch(model, ref, r, order)
     kl = rl.kl_estimate(old_logp, ref_logp, "k1") * r.actions
     assert torch.equal(kl, torch.zeros_like(kl))
     assert torch.equal(rl.kl_estimate(old_logp, ref_logp, "k3"), torch.zeros_like(kl))
     assert torch.equal(values, torch.zeros_like(values))  # the value head starts at zero
     idx = order[0]
-    logp, _, _ = ppo.policy_forward(model, r.ids[idx], r.attn[idx])
+    logp, _, _ = rollouts.policy_forward(model, r.ids[idx], r.attn[idx])
     assert logp.requires_grad
     ratio = torch.exp(logp - old_logp[idx])
     assert torch.equal(ratio[r.actions[idx].bool()], torch.ones(int(r.actions[idx].sum())))
@@ -289,10 +302,10 @@ def test_ppo_adaptive_kl_and_k3(sft_run, rm_run, root):
 
 
 def _ppo_parts(sft_run, rm_run):
-    policy, _, fmt = sft.load_chat_run(sft_run)
-    ref = ppo.frozen(copy.deepcopy(policy))
-    rm = ppo.frozen(reward.load_reward_model(rm_run))
-    return ppo.PolicyWithValue(policy, ppo.zero_value_head(policy.config.d_model)), ref, rm, fmt
+    policy, _, fmt = chat_runs.load_chat_run(sft_run)
+    ref = rollouts.frozen(copy.deepcopy(policy))
+    rm = rollouts.frozen(reward_model.load_reward_model(rm_run))
+    return rollouts.PolicyWithValue(policy, rollouts.zero_value_head(policy.config.d_model)), ref, rm, fmt
 
 
 def test_ppo_value_warmup_moves_only_the_value_head(sft_run, rm_run):
@@ -305,10 +318,10 @@ def test_ppo_value_warmup_moves_only_the_value_head(sft_run, rm_run):
 
     opt = adamw(model, lr=1e-2, weight_decay=0.0)
     kl_ctl, moments = rl.KLController(0.05, None, 10000), rl.RunningMoments()
-    ppo.ppo_step(cfg, 0, model, ref, rm, fmt, opt, kl_ctl, moments, None)
+    step_ppo(cfg, 0, model, ref, rm, fmt, opt, kl_ctl, moments, None)
     assert all(torch.equal(v, before[k]) for k, v in model.policy.state_dict().items())
     assert float(model.value_head.proj.weight.abs().sum()) > 0
-    ppo.ppo_step(cfg, 1, model, ref, rm, fmt, opt, kl_ctl, moments, None)  # warmup over: the policy moves
+    step_ppo(cfg, 1, model, ref, rm, fmt, opt, kl_ctl, moments, None)  # warmup over: the policy moves
     assert not all(torch.equal(v, before[k]) for k, v in model.policy.state_dict().items())
     with pytest.raises(GlassmindError, match="value-warmup-steps"):
         ppo.check(dataclasses.replace(cfg, steps=1))
@@ -324,7 +337,7 @@ def test_ppo_truncation_penalty_marks_down_cut_replies(sft_run, rm_run):
                             ppo_epochs=1, truncation_penalty=penalty)
         from glassmind.train.optim import adamw
 
-        rows.append(ppo.ppo_step(cfg, 0, model, ref, rm, fmt, adamw(model, lr=1e-3, weight_decay=0.0),
+        rows.append(step_ppo(cfg, 0, model, ref, rm, fmt, adamw(model, lr=1e-3, weight_decay=0.0),
                                  rl.KLController(0.05, None, 10000), rl.RunningMoments(), None))
     assert rows[0]["truncated"] == rows[1]["truncated"] > 0
     assert rows[0]["reward"] == rows[1]["reward"]  # the RM's own scores are logged untouched
@@ -340,7 +353,7 @@ def test_ppo_samples_per_prompt_with_leave_one_out_baseline(sft_run, rm_run, mon
     cfg = ppo.PPOConfig(policy=str(sft_run), reward=str(rm_run), rollouts=6, minibatch=3, max_new_tokens=3,
                         ppo_epochs=1, samples_per_prompt=3, prompt_baseline=True, reward_norm=False)
     seen = {}
-    real_rollout, real_loo = ppo.rollout, rl.leave_one_out
+    real_rollout, real_loo = rollouts.rollout, rl.leave_one_out
 
     def spy_rollout(policy, fmt_, messages, examples, **kw):
         seen["prompts"] = [m[0]["content"] for m in messages]
@@ -355,7 +368,7 @@ def test_ppo_samples_per_prompt_with_leave_one_out_baseline(sft_run, rm_run, mon
     monkeypatch.setattr(rl, "leave_one_out", spy_loo)
     from glassmind.train.optim import adamw
 
-    row = ppo.ppo_step(cfg, 0, model, ref, rm, fmt, adamw(model, lr=1e-3, weight_decay=0.0),
+    row = step_ppo(cfg, 0, model, ref, rm, fmt, adamw(model, lr=1e-3, weight_decay=0.0),
                        rl.KLController(0.05, None, 10000), rl.RunningMoments(), None)
     p = seen["prompts"]
     assert len(p) == 6 and p[0] == p[1] == p[2] and p[3] == p[4] == p[5]
@@ -369,11 +382,11 @@ def test_ppo_samples_per_prompt_with_leave_one_out_baseline(sft_run, rm_run, mon
 def test_align_demo_stage_tiny_reports_every_column_and_the_reward_model(base, root):
     """The demo's alignment stage end to end at the smoke-test budget: on-policy reward data, the four
     columns of the table, and the reward model measured on the policy's own samples."""
-    from glassmind.train import align_demo
+    from glassmind.studies import alignment as align_demo
 
     torch.set_num_threads(1)
     out = root / "demo"
-    res = align_demo.demo_stage(base, out, budget="tiny")
+    res = align_demo.alignment_stage(base, out, budget="tiny")
     assert set(res["accuracy"]) == {"base (3-shot)", "SFT", "PPO", "DPO"}
     assert all(set(col) == {"all", *T.TASKS} for col in res["accuracy"].values())
     rm = res["reward_model"]
@@ -407,7 +420,7 @@ def test_align_demo_stage_tiny_reports_every_column_and_the_reward_model(base, r
 
 
 def test_seed_claim_needs_every_seed_up_and_a_gain_above_the_spread():
-    from glassmind.train.align_demo import _seed_claim
+    from glassmind.studies.alignment import _seed_claim
 
     met = _seed_claim([0.60, 0.62, 0.61], 0.50)
     assert met["claim_met"] and met["gains"] == pytest.approx([0.10, 0.12, 0.11])
@@ -489,3 +502,70 @@ def test_rank_session_writes_rankings_reward_reads_and_resumes_after_kill(sft_ru
     rank.rank_session(str(sft_run), rank.RankConfig(out=str(part), n=3, k=2, max_new_tokens=3, threads=1),
                       read=lambda: next(feed, None), write=lambda s: None)
     assert part.read_text() == whole.read_text()
+
+
+# ------------------------------------------------------------------------------------------------ the one optimizer step
+
+
+def poison_step(monkeypatch, at_call: int = 2):
+    """Wrap Run.optimizer_step so that its `at_call`-th call (1-based) first makes one gradient NaN, as a bad
+    batch would, and records every parameter as it was then. A recipe that stepped its optimizer anywhere but
+    through Run.optimizer_step would never meet the poison and its run would end normally."""
+    real = run_lib.Run.optimizer_step
+    seen = {"calls": 0, "before": None, "pm": None}
+
+    def wrapped(self, pm, optimizer, loss, **kw):
+        seen["calls"] += 1
+        if seen["calls"] == at_call:
+            grads = [p for _, p in pm.named_parameters() if p.grad is not None]
+            grads[0].grad.view(-1)[0] = float("nan")
+            seen["before"] = {n: p.detach().clone() for n, p in pm.named_parameters()}
+            seen["pm"] = pm
+        return real(self, pm, optimizer, loss, **kw)
+
+    monkeypatch.setattr(run_lib.Run, "optimizer_step", wrapped)
+    return seen
+
+
+def unchanged_since_poison(seen) -> bool:
+    return all(torch.equal(p, seen["before"][n]) for n, p in seen["pm"].named_parameters())
+
+
+RECIPE_ARGS = {
+    "sft": lambda base, sft_run, rm_run, out: (sft, args_sft(base, out)),
+    "reward": lambda base, sft_run, rm_run, out: (reward, args_reward(sft_run, out)),
+    "dpo": lambda base, sft_run, rm_run, out: (dpo, args_dpo(sft_run, out)),
+    "ppo": lambda base, sft_run, rm_run, out: (ppo, args_ppo(sft_run, rm_run, out)),
+    "grpo": lambda base, sft_run, rm_run, out: (grpo, args_grpo(sft_run, out)),
+}
+
+
+@pytest.mark.parametrize("verb", sorted(RECIPE_ARGS))
+def test_a_nan_gradient_stops_every_recipe_before_the_update(verb, base, sft_run, rm_run, root, monkeypatch,
+                                                             capsys):
+    module, argv = RECIPE_ARGS[verb](base, sft_run, rm_run, root / f"nan-stop-{verb}")
+    seen = poison_step(monkeypatch)
+    assert module.main(argv) == 2  # a clear error, not a traceback
+    assert "is not finite" in capsys.readouterr().err
+    assert seen["calls"] == 2 and unchanged_since_poison(seen)  # stopped before the poisoned update
+    events = [r for r in map(json.loads, (root / f"nan-stop-{verb}" / "metrics.jsonl").read_text().splitlines())
+              if r.get("event") == "nonfinite"]
+    assert len(events) == 1
+
+
+@pytest.mark.parametrize("verb", sorted(RECIPE_ARGS))
+def test_skip_nonfinite_skips_the_poisoned_update_and_goes_on(verb, base, sft_run, rm_run, root, monkeypatch):
+    module, argv = RECIPE_ARGS[verb](base, sft_run, rm_run, root / f"nan-skip-{verb}")
+    seen = poison_step(monkeypatch)
+    poisoned = run_lib.Run.optimizer_step
+
+    def check(self, pm, optimizer, loss, **kw):
+        out = poisoned(self, pm, optimizer, loss, **kw)
+        if seen["pm"] is pm and "skipped" not in seen:  # right after the poisoned call
+            seen["skipped"] = out.skipped and unchanged_since_poison(seen)
+        return out
+
+    monkeypatch.setattr(run_lib.Run, "optimizer_step", check)
+    assert module.main([*argv, "--skip-nonfinite"]) == 0
+    assert seen["skipped"] is True     # the poisoned step made no update ...
+    assert seen["calls"] > 2           # ... and the run went on stepping

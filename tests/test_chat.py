@@ -13,7 +13,7 @@ from glassmind.data import tasks as T
 from glassmind.model import ModelConfig, Transformer
 from glassmind.tokenizer.bpe import BPETokenizer
 from glassmind.tokenizer.chat import ASSISTANT, CHAT_TOKENS, END, PAD, USER, ChatFormat, add_chat_tokens
-from glassmind.train.sft import collate, masked_lm_loss, resize_vocab
+from glassmind.recipes.sft import collate, masked_lm_loss, resize_vocab
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 
 from glassmind.common import GlassmindError
 from glassmind.infer import Detokenizer, Engine, SamplingParams
-from glassmind.infer.engine import DecoderBatch, FlopCounter, Seq2SeqBatch
+from glassmind.infer.batch import DecoderBatch, Seq2SeqBatch
+from glassmind.infer.engine import FlopCounter
 from glassmind.infer.kv_cache import KVCache
-from glassmind.model import ModelConfig, Transformer
+from glassmind.model import ModelConfig, Transformer, save_model
 from glassmind.model.transformer import MultiHeadAttention
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -312,7 +313,7 @@ def test_session_reuses_the_cache_and_equals_a_fresh_prefill():
 
 def test_chat_reply_with_the_kept_cache_prefills_only_the_new_part(run_dir):
     from glassmind.infer.chat import ChatConfig, Conversation, reply, chat_loop
-    from glassmind.infer.cli import load_run, sampling_params, stop_ids
+    from glassmind.infer.generate import load_run, sampling_params, stop_ids
 
     model, tok = load_run(run_dir, device="cpu")
     engine = Engine(model)
@@ -349,7 +350,7 @@ def test_chat_reply_with_the_kept_cache_prefills_only_the_new_part(run_dir):
 def eager_and_compiled(model, room: int):
     """A left-padded batch of 3 prompts, a compiling Engine, and the same batch as an eager DecoderBatch and as
     a CompiledDecoderBatch over that engine's step."""
-    from glassmind.infer.engine import CompiledDecoderBatch
+    from glassmind.infer.compiled import CompiledDecoderBatch
 
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
     engine = Engine(model, compile=True)
@@ -655,13 +656,13 @@ def run_dir(tmp_path_factory):
     tok = train_bpe("def add(a, b):\n    return a + b\n" * 30, 300)
     tok.save(d)
     torch.manual_seed(0)
-    Transformer(ModelConfig(vocab_size=tok.vocab_size, context_length=128, d_model=32, n_heads=4,
-                            n_layers=2)).save(d)
+    save_model(Transformer(ModelConfig(vocab_size=tok.vocab_size, context_length=128, d_model=32, n_heads=4,
+                            n_layers=2)), d)
     return d
 
 
 def test_generate_verb_prints_text_and_stats(run_dir):
-    from glassmind.infer.cli import main
+    from glassmind.infer.generate import main
 
     out = io.StringIO()
     with redirect_stdout(out):
@@ -678,17 +679,17 @@ def test_generate_verb_prints_text_and_stats(run_dir):
 
 
 def test_demo_stage_tabulates_every_strategy(run_dir):
-    from glassmind.infer.cli import DEMO_STRATEGIES, demo_stage
+    from glassmind.demo import demo_strategies, generate_stage
 
-    table = demo_stage(run_dir, ["def add", "return"], max_new_tokens=4)
+    table = generate_stage(run_dir, ["def add", "return"], max_new_tokens=4)
     lines = table.splitlines()
-    assert len(lines) == 2 + 2 * len(DEMO_STRATEGIES) and "TTFT ms" in lines[0]
+    assert len(lines) == 2 + 2 * len(demo_strategies()) and "TTFT ms" in lines[0]
     assert all(line.count("|") == lines[0].count("|") for line in lines)
 
 
 def test_chat_loop_keeps_the_conversation(run_dir):
     from glassmind.infer.chat import ChatConfig, Conversation, chat_loop
-    from glassmind.infer.cli import load_run
+    from glassmind.infer.generate import load_run
 
     model, tok = load_run(run_dir, device="cpu")
     lines = iter(["hello", "/reset", "again", "more"])
@@ -717,7 +718,7 @@ def test_chat_loop_keeps_the_conversation(run_dir):
 
 def test_chat_uses_the_chat_format_when_the_run_has_chat_tokens():
     from glassmind.infer.chat import Conversation
-    from glassmind.infer.cli import stop_ids
+    from glassmind.infer.generate import stop_ids
     from glassmind.tokenizer.chat import END, ChatFormat, add_chat_tokens
 
     tok = train_bpe("hello there " * 20, 270)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from glassmind.infer import Engine, SamplingParams
 from glassmind.infer import fast_linear
-from glassmind.infer.engine import DecoderBatch
+from glassmind.infer.batch import DecoderBatch
 from glassmind.model import ModelConfig, Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -79,7 +79,8 @@ def test_decode_steps_through_the_view_equal_the_model(dtype, atol):
     from which rows leave (5 -> 3 -> 2 rows: MKL's padded and F.linear paths)."""
     model = tiny(dtype)
     g = torch.Generator().manual_seed(1)
-    fast, plain = DecoderBatch(model, PROMPTS, room=12, fast=True), DecoderBatch(model, PROMPTS, room=12)
+    fast = DecoderBatch(model, PROMPTS, room=12, decode_model=fast_linear.packed_decode(model, 12))
+    plain = DecoderBatch(model, PROMPTS, room=12)
     with torch.inference_mode():
         a, b = fast.prefill(), plain.prefill()
         rows = len(PROMPTS)
@@ -92,11 +93,11 @@ def test_decode_steps_through_the_view_equal_the_model(dtype, atol):
             a, b = fast.step(tok), plain.step(tok)
             assert a.abs().max() > 1  # logits of order 1: the tolerance is meaningful
             torch.testing.assert_close(a, b, atol=atol, rtol=0)
-    assert plain.view is None
+    assert plain.step_model is model
     if expected_kernel(dtype, 5) == "linear":  # nothing to pack on this build: no view
-        assert fast.view is None
+        assert fast.step_model is model
     else:
-        assert fast.view.kernels() == {expected_kernel(dtype, 5): 2 * 6 + 1}  # q, k, v, out, up, down; head
+        assert fast.step_model.kernels() == {expected_kernel(dtype, 5): 2 * 6 + 1}  # q, k, v, out, up, down; head
 
 
 def test_short_calls_and_unpackable_batches_do_not_pack(monkeypatch):
@@ -105,10 +106,10 @@ def test_short_calls_and_unpackable_batches_do_not_pack(monkeypatch):
     assert not fast_linear.worth_packing(model, 5, 31)
     assert fast_linear.worth_packing(model, 5, 32) == (expected_kernel(torch.float32, 5) != "linear")
     assert not fast_linear.worth_packing(model, 1, 100)  # fp32, one row: F.linear is as fast
-    batch = DecoderBatch(model, PROMPTS, room=8, fast=True)
+    batch = DecoderBatch(model, PROMPTS, room=8, decode_model=fast_linear.packed_decode(model, 8))
     with torch.inference_mode():
         batch.step(batch.prefill().argmax(-1))
-    assert batch.view is None
+    assert batch.step_model is model
 
 
 def test_generate_packed_equals_plain_and_leaves_the_model_alone():
@@ -182,11 +183,11 @@ def test_observers_of_the_model_get_the_model():
     model = tiny()
     attn = model.decoder.blocks[1].self_attn
     attn.keep_weights = True
-    batch = DecoderBatch(model, PROMPTS[:3], room=4, fast=True)
+    batch = DecoderBatch(model, PROMPTS[:3], room=4, decode_model=fast_linear.packed_decode(model, 4))
     with torch.inference_mode():
         tok = batch.prefill().argmax(-1)
         batch.step(tok)
-    assert batch.view is None and attn.last_weights.shape[-2] == 1                 # the decode step's query
+    assert batch.step_model is model and attn.last_weights.shape[-2] == 1                 # the decode step's query
     attn.keep_weights = False
     calls = []
     model.decoder.blocks[0].ffn.up.register_forward_hook(lambda m, i, o: calls.append(o.shape))

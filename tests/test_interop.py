@@ -20,7 +20,7 @@ transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
 from glassmind.common import GlassmindError  # noqa: E402
-from glassmind.model import ModelConfig, Transformer, load  # noqa: E402
+from glassmind.model import ModelConfig, Transformer, load_model, save_model  # noqa: E402
 from glassmind.model import convert, interop  # noqa: E402
 
 TOL = 1e-5
@@ -279,7 +279,7 @@ def test_convert_cli_both_ways_with_gpt2_via_transformers(tmp_path, capsys):
     h.save_pretrained(tmp_path / "hf")
     assert convert.main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run"),
                          "--via", "transformers"]) == 0
-    g = load(tmp_path / "run").eval()
+    g = load_model(tmp_path / "run").eval()
     assert check_gpt2(g, h) < TOL
     assert "no tokenizer" in capsys.readouterr().out
     assert convert.main(["--to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "back"), "--family", "gpt2"]) == 0
@@ -359,7 +359,7 @@ def test_convert_cli_minilm_both_ways(minilm_dir, minilm_batch, minilm_reference
     for f in ("config.json", "model.safetensors", "tokenizer.json", "card.md", convert.HF_CONFIG_COPY):
         assert (run / f).exists(), f
     assert (run / "tokenizer.json").read_bytes() == (minilm_dir / "tokenizer.json").read_bytes()
-    g = load(run).eval()
+    g = load_model(run).eval()
     assert max(check_minilm(g, minilm_batch, reference)) < TOL
 
     assert glassmind_main(["convert", "--to-hf", str(run), "--out", str(back)]) == 0
@@ -445,7 +445,8 @@ def test_unrepresentable_glassmind_config_names_the_field(family, kw, family_arg
 def test_convert_cli_errors(tmp_path, capsys):
     assert convert.main(["--from-hf", str(tmp_path / "missing"), "--out", str(tmp_path / "run")]) == 2
     assert "not a directory" in capsys.readouterr().err
-    Transformer(ModelConfig(vocab_size=50, context_length=16, d_model=16, n_heads=2, n_layers=1)).save(tmp_path / "g")
+    save_model(Transformer(ModelConfig(vocab_size=50, context_length=16, d_model=16, n_heads=2, n_layers=1)),
+               tmp_path / "g")
     assert convert.main(["--from-hf", str(tmp_path / "g"), "--out", str(tmp_path / "run")]) == 2
     assert "glassmind run directory" in capsys.readouterr().err
     transformers.GPT2Config(**GPT2_CONFIGS[0]).save_pretrained(tmp_path / "torn")

@@ -12,7 +12,7 @@ import torch
 
 from glassmind.common import GlassmindError
 from glassmind.infer.kv_cache import KVCache
-from glassmind.model import EncoderOutput, ModelConfig, Transformer, load
+from glassmind.model import EncoderOutput, ModelConfig, Transformer, load_model, save_model
 from glassmind.model.transformer import attention_mask, sinusoidal_table
 
 torch.manual_seed(0)
@@ -246,9 +246,9 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, arch):
     m = Transformer(tiny(arch=arch, positional="sinusoidal" if arch != "decoder" else "learned",
                          tie_embeddings=arch != "encoder-decoder", lm_head_bias=arch == "decoder"
                          )).eval()
-    m.save(tmp_path)
+    save_model(m, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
-    back = load(tmp_path)
+    back = load_model(tmp_path)
     assert back.config == m.config
     sd, sd2 = m.state_dict(), back.state_dict()
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
@@ -261,38 +261,38 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, arch):
 
 def test_load_refuses_pickle_unless_opted_in(tmp_path):
     m = Transformer(tiny())
-    m.save(tmp_path)
+    save_model(m, tmp_path)
     (tmp_path / "model.safetensors").unlink()
     torch.save(m.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(GlassmindError, match="pickle"):
-        load(tmp_path)
-    back = load(tmp_path, allow_pickle=True)
+        load_model(tmp_path)
+    back = load_model(tmp_path, allow_pickle=True)
     assert torch.equal(back.token_embedding.weight, m.token_embedding.weight)
 
 
 def test_corrupt_and_mismatched_files_are_clear_errors(tmp_path):
     m = Transformer(tiny())
-    m.save(tmp_path)
+    save_model(m, tmp_path)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(GlassmindError, match="model.safetensors.*corrupt"):
-        load(tmp_path)
-    m.save(tmp_path)
+        load_model(tmp_path)
+    save_model(m, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["d_model"] = 64
     cfg["n_heads"] = 4
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(GlassmindError, match="shape mismatch"):
-        load(tmp_path)
+        load_model(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(GlassmindError, match="config.json"):
-        load(tmp_path)
+        load_model(tmp_path)
 
 
 KILL_DURING_SAVE = r"""
 import os, sys, torch
 import safetensors.torch as st
-from glassmind.model import ModelConfig, Transformer
+from glassmind.model import ModelConfig, Transformer, save_model
 real_save = st.save_file
 def save_then_die(tensors, path, metadata=None):
     real_save(tensors, path, metadata=metadata)
@@ -300,17 +300,17 @@ def save_then_die(tensors, path, metadata=None):
 st.save_file = save_then_die
 cfg = ModelConfig(vocab_size=97, context_length=32, d_model=32, n_heads=4, n_layers=2)
 torch.manual_seed(1)
-Transformer(cfg).save(sys.argv[1])
+save_model(Transformer(cfg), sys.argv[1])
 """
 
 
 def test_kill_during_save_keeps_the_old_checkpoint(tmp_path):
     old = Transformer(tiny())
-    old.save(tmp_path)
+    save_model(old, tmp_path)
     before = (tmp_path / "model.safetensors").read_bytes()
     proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(tmp_path)], capture_output=True)
     assert proc.returncode == -9
     assert (tmp_path / "model.safetensors").read_bytes() == before
-    assert torch.equal(load(tmp_path).token_embedding.weight, old.token_embedding.weight)
+    assert torch.equal(load_model(tmp_path).token_embedding.weight, old.token_embedding.weight)
     leftovers = [p for p in os.listdir(tmp_path) if p not in ("config.json", "model.safetensors")]
     assert all(p.endswith(".tmp") for p in leftovers)  # a torn temp file never takes the final name

@@ -295,7 +295,7 @@ def test_pretrain_forward_loss_fused_equals_logits_path(arch):
     """glassmind pretrain's forward_loss with --fused-loss on gives the logits path's loss and gradients
     (fp32: tight; under bf16 autocast, where `auto` turns it on: bf16 agreement)."""
     from glassmind.model import ModelConfig, Transformer
-    from glassmind.train.pretrain import PretrainConfig, forward_loss, fused_loss_applies
+    from glassmind.recipes.pretrain import PretrainConfig, forward_loss, fused_loss_applies
 
     V, context = 64, 24
     torch.manual_seed(0)

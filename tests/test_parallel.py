@@ -125,7 +125,7 @@ def test_saved_model_runs_in_one_process(request, reference, launch_name, layout
 
     root = request.getfixturevalue(launch_name)
     result_of(root, layout)
-    model = glassmind.model.load(root / W.folder_name(layout) / "model")
+    model = glassmind.model.load_model(root / W.folder_name(layout) / "model")
     ids = W.batches()[0][:, :-1]
     with torch.no_grad():
         torch.testing.assert_close(model(ids), reference["model"](ids), atol=1e-5, rtol=1e-4)

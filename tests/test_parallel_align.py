@@ -21,10 +21,13 @@ from safetensors.torch import load_file
 from glassmind.__main__ import main as glassmind_main
 from glassmind.common import GlassmindError
 from glassmind.data import tasks as T
-from glassmind.model import ModelConfig, Transformer
+from glassmind.model import ModelConfig, Transformer, save_model
 from glassmind.parallel.launch import torchrun
+from glassmind.parallel.runtime import parallel_layout
 from glassmind.tokenizer.bpe import BPETokenizer
-from glassmind.train import dpo, reward, sft
+from glassmind.recipes import dpo, reward, sft
+from glassmind.train import reward_model
+from glassmind.train import run as run_lib
 
 sys.path.insert(0, str(Path(__file__).parent))
 import align_worker as W  # noqa: E402
@@ -48,7 +51,7 @@ def root(tmp_path_factory):
 
 def tiny_base(out: Path, tok, **sizes) -> Path:
     torch.manual_seed(0)
-    Transformer(ModelConfig(vocab_size=tok.vocab_size, context_length=96, n_layers=1, **sizes)).save(out)
+    save_model(Transformer(ModelConfig(vocab_size=tok.vocab_size, context_length=96, n_layers=1, **sizes)), out)
     tok.save(out)
     return out
 
@@ -146,11 +149,11 @@ def test_sft_layout_matches_one_process(launched, refs, layout, capsys):
     same_numbers(run, refs["sft"], ("val_loss", "heldout_acc"), split_key="val_loss")  # rank 0 evaluates
     same_weights(run, refs["sft"])
     # the run directory is the one-process format: glassmind.model.load runs it as `glassmind generate` does
-    from glassmind.model import load
+    from glassmind.model import load_model
 
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(load(run)(ids), load(refs["sft"])(ids), atol=TOL, rtol=1e-4)
+        torch.testing.assert_close(load_model(run)(ids), load_model(refs["sft"])(ids), atol=TOL, rtol=1e-4)
     assert json.loads((run / "sft.json").read_text())["parallel"].startswith(layout[:-1])
     replies = []
     for r in (run, refs["sft"]):  # `glassmind generate` in one process
@@ -203,12 +206,12 @@ def test_reward_zero1_matches_one_process(launched, refs):
     same_numbers(run, refs["reward"], ("loss", "grad_norm", "train_pair_acc"))
     same_numbers(run, refs["reward"], ("pairwise_acc",), split_key="pairwise_acc")
     same_weights(run, refs["reward"], skip=SHIFTS)
-    same_weights(run, refs["reward"], reward.HEAD_FILE, skip=SHIFTS)
+    same_weights(run, refs["reward"], reward_model.HEAD_FILE, skip=SHIFTS)
     assert weight_change(run, refs["sft"]) > 1e-4
     ids = torch.randint(0, 300, (4, 12), generator=torch.Generator().manual_seed(0))
     attn = torch.ones_like(ids)
     with torch.no_grad():
-        ours, ref = (reward.load_reward_model(r)(ids, attn) for r in (run, refs["reward"]))
+        ours, ref = (reward_model.load_reward_model(r)(ids, attn) for r in (run, refs["reward"]))
     torch.testing.assert_close(ours - ours[0], ref - ref[0], atol=TOL, rtol=1e-4)
 
 
@@ -264,8 +267,8 @@ def test_cli_wrong_layout_exits_on_every_rank(bases, tmp_path):
 def test_layout_checks(bases, monkeypatch, text, message):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(GlassmindError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        sft.parallel_layout(text, "dpo", parent=bases[0], batch_size=3, unit="pairs")
-    assert sft.parallel_layout("tp=2", "sft", parent=bases[0], batch_size=4, unit="x").tp == 2
+        parallel_layout(text, "dpo", parent=bases[0], batch_size=3, unit="pairs")
+    assert parallel_layout("tp=2", "sft", parent=bases[0], batch_size=4, unit="x").tp == 2
 
 
 @pytest.mark.parametrize("verb", ["ppo", "grpo"])
@@ -273,9 +276,9 @@ def test_ppo_and_grpo_refuse_torchrun(monkeypatch, verb):
     """Several processes without a layout would write one run directory N times: a clear error instead."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(GlassmindError, match=f"glassmind {verb} runs in one process, but torchrun started 2"):
-        sft.refuse_unlaid_processes(verb)
+        run_lib.refuse_unlaid_processes(verb)
     monkeypatch.setenv("WORLD_SIZE", "1")
-    sft.refuse_unlaid_processes(verb)
+    run_lib.refuse_unlaid_processes(verb)
 
 
 def test_reward_refuses_a_layout_for_loglik_or_frozen_trunk(bases, tmp_path, monkeypatch):

@@ -25,7 +25,8 @@ from glassmind.common import GlassmindError, read_jsonl
 from glassmind.tokenizer.bpe import BPETokenizer
 from glassmind.train import checkpoint, metrics
 from glassmind.train.optim import adamw, param_groups
-from glassmind.train.pretrain import PretrainConfig, demo_stage, main, pretrain
+from glassmind.demo import pretrain_stage
+from glassmind.recipes.pretrain import PretrainConfig, main, pretrain
 from glassmind.train.schedule import lr_at
 
 GOLDEN = Path(__file__).parent / "golden" / "pretrain_losses.json"
@@ -266,9 +267,9 @@ def test_run_directory_holds_what_design_md_lists(reference):
     assert summary["val_loss"] < summary["val_loss_start"] - 1.0  # it learns
     card = (run / "card.md").read_text()
     assert "decoder" in card and "val_loss" in card and "tokenizer from tok" in card
-    from glassmind.model import load
+    from glassmind.model import load_model
 
-    assert load(run).config.d_model == 32
+    assert load_model(run).config.d_model == 32
 
 
 def test_golden_losses(reference):
@@ -473,7 +474,7 @@ def test_bf16_fused_loss_run_resumes_bit_identically(in_ws, monkeypatch):
     """bf16 autocast with the fused linear cross-entropy (--fused-loss auto): crash after step 4's checkpoint,
     resume, and the losses and final weights equal an uninterrupted run's exactly. (The crash is injected in
     the loss function, not by wrapping the model: a wrapped model takes the logits path.)"""
-    import glassmind.train.pretrain as pt
+    import glassmind.recipes.pretrain as pt
 
     kw = dict(steps=8, dtype="bf16", ckpt_every=4, eval_every=0)
     fused, used = pt.objectives.linear_cross_entropy, []
@@ -506,9 +507,9 @@ def test_encoder_and_encoder_decoder_objectives_train(in_ws):
         "content"]
 
 
-def test_demo_stage_tiny(tmp_path, monkeypatch, ws):
+def test_demo_pretrain_stage_tiny(tmp_path, monkeypatch, ws):
     monkeypatch.setenv("GLASSMIND_CACHE", str(tmp_path / "cache"))
-    result = demo_stage(tmp_path / "demo", ws / "tok", budget="tiny")
+    result = pretrain_stage(tmp_path / "demo", ws / "tok", budget="tiny")
     assert set(result) == {"decoder", "encoder", "encoder-decoder"}
     for arch, r in result.items():
         assert r["val_loss_after"] < r["val_loss_before"], arch
@@ -523,7 +524,7 @@ def test_demo_stage_tiny(tmp_path, monkeypatch, ws):
 def test_pretrain_under_torchrun_matches_one_process(ws, reference, layout):
     """`torchrun --nproc_per_node=2 -m glassmind pretrain --parallel LAYOUT` on the same global batch gives
     the single process's losses (1e-5), and its run directory loads for single-process inference."""
-    from glassmind.model import load
+    from glassmind.model import load_model
     from glassmind.parallel.launch import torchrun
 
     out = f"par-{layout.replace('=', '')}"
@@ -533,7 +534,7 @@ def test_pretrain_under_torchrun_matches_one_process(ws, reference, layout):
     ours, ref = train_rows(ws / out), train_rows(reference[0])
     assert [r["step"] for r in ours] == [r["step"] for r in ref]
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ours, ref)) < 1e-5
-    model = load(ws / out)
+    model = load_model(ws / out)
     assert torch.isfinite(model(torch.zeros(1, 8, dtype=torch.long))).all()
     if layout == "fsdp=2":  # --resume takes the layout from this launch, not the saved run: one process goes on
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -551,7 +552,7 @@ import json, sys
 import torch
 import torch.distributed as dist
 
-from glassmind.train.pretrain import PretrainConfig, pretrain
+from glassmind.recipes.pretrain import PretrainConfig, pretrain
 
 
 def overflow_on_last_stage(stage):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from glassmind.common import GlassmindError
 from glassmind.model import ModelConfig, Transformer
 from glassmind.model.heads import ScalarHead
-from glassmind.train import rl
+from glassmind.train import losses as rl
 
 
 def close(a, b, tol=1e-6):

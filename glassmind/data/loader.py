@@ -108,3 +108,17 @@ class WindowLoader:
             raise GlassmindError(f"the run consumed {state['consumed']} micro-batches, not a multiple of "
                                  f"{self.world_size} ranks: resume with a world size that divides it")
         self.pos = state["consumed"] // self.world_size
+
+
+def step_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """The examples of optimizer step `step`: position g = step * batch + k of an endless stream that visits
+    each of the n examples once per epoch, in an order permuted per epoch by (seed, epoch). A pure function
+    of the step, so resuming needs nothing but the step."""
+    out, perms = [], {}
+    for g in range(step * batch_size, (step + 1) * batch_size):
+        epoch = g // n
+        if epoch not in perms:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            perms[epoch] = torch.randperm(n, generator=gen).tolist()
+        out.append(perms[epoch][g % n])
+    return out

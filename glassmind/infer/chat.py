@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional  # see cli.py
 
 from glassmind.common import GlassmindError, add_config_args, config_from_args, run_main
-from glassmind.infer.cli import load_run, sampling_params, stop_ids
+from glassmind.infer.generate import load_run, sampling_params, stop_ids
 from glassmind.infer.detok import Detokenizer
-from glassmind.infer.engine import Engine, Session
+from glassmind.infer.batch import Session
+from glassmind.infer.engine import Engine
 from glassmind.infer.sampling import STRATEGIES
 from glassmind.tokenizer.chat import ChatFormat, has_chat_tokens
 

@@ -1,6 +1,7 @@
 """The inference engine: token ids in, token ids out (text is the caller's business; see detok.py).
 
     prefill   the whole (left-padded) batch of prompts in one forward pass fills a preallocated KV cache
+              (the batches, with their model-facing side prefill/step/select, are in batch.py)
     decode    one token per sequence per step, reading the cache; the prefix is never recomputed
     stop      each sequence on its own: EOS ids, stop id sequences, max_new_tokens, the context window;
               a finished sequence leaves the batch (cache rows dropped), so it costs nothing afterwards
@@ -23,21 +24,21 @@ sampling distribution; use sampling.process to see the latter.
 
 from __future__ import annotations
 
-import itertools
 import math
 import operator
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
 from glassmind.common import GlassmindError
 from glassmind.infer import fast_linear
+from glassmind.infer.batch import DecodeBatch, DecoderBatch, Seq2SeqBatch, Session
+from glassmind.infer.compiled import CompiledDecoderBatch, CompiledStep
 from glassmind.infer.beam import Hypothesis, beam_search
-from glassmind.infer.kv_cache import KVCache, StaticKVCache
 from glassmind.infer.sampling import SamplingParams, make_generators, process, sample, stop_length
 
 
@@ -104,270 +105,6 @@ class StreamEvent:
 class MaskPrediction:
     position: int                                    # index of the [MASK] in its sequence
     candidates: list[tuple[int, float]]              # (token id, probability), most likely first
-
-
-# ----------------------------------------------------------------------------------------------------
-# batches: the model-facing side (prefill, one decode step, drop/reorder rows)
-
-
-class Session:
-    """The KV cache of one conversation, kept between generate calls (prefix reuse).
-
-    Pass it with a single prompt to Engine.generate/stream: the longest prefix of the prompt whose keys and
-    values are already in the cache is reused and only the rest is prefilled; afterwards the cache holds the
-    prompt and every generated token that was fed back to the model. A prompt that shares no prefix (a
-    trimmed transcript, another conversation) is prefilled from scratch into the same cache. Beam search
-    keeps no cache (its beams are reordered copies): with strategy "beam" the session is emptied.
-
-    `reused` / `prefilled`: how many tokens of the last prompt were read from the cache / computed."""
-
-    def __init__(self) -> None:
-        self.cache: KVCache | None = None
-        self.ids: list[int] = []     # the tokens whose keys/values fill cache slots [0, len(ids))
-        self.reused = 0
-        self.prefilled = 0
-        self._model: nn.Module | None = None
-
-    def reset(self) -> None:
-        """Forget the conversation (the cache's memory is kept for the next one)."""
-        self.ids = []
-
-    def _take(self, model: nn.Module, prompt: list[int]) -> tuple[KVCache, int]:
-        """The cache, rewound to the longest prefix shared with `prompt`, and that prefix's length."""
-        if self.cache is None or self._model is not model:
-            self.cache, self._model, self.ids = KVCache.for_model(model, 1), model, []
-        n = 0
-        for a, b in zip(self.ids, prompt):
-            if a != b:
-                break
-            n += 1
-        n = min(n, len(prompt) - 1)  # the prompt's last token is always computed: its logits pick the next
-        self.cache.pos, self.ids = n, self.ids[:n]
-        return self.cache, n
-
-    def _prefilled(self, prompt: list[int], reused: int) -> None:
-        self.ids, self.reused, self.prefilled = list(prompt), reused, len(prompt) - reused
-
-
-class DecoderBatch:
-    """A left-padded batch of decoder prompts and its KV cache.
-
-    Left padding puts every prompt's last token in the last column, so one forward gives every row's next
-    token logits at [:, -1], and decode steps append in one shared cache column. Positions count real tokens
-    only (row i's first real token is position 0) and padding keys are masked out, so a padded row computes
-    exactly what it would alone."""
-
-    def __init__(self, model: nn.Module, prompts: list[list[int]], room: int, *, slots: int | None = None,
-                 session: Session | None = None, fast: bool = False):
-        p = next(model.parameters())
-        B, T = len(prompts), max(len(x) for x in prompts)
-        self.model, self.T = model, T
-        # fast: decode steps may run a DecodeView (packed weights, fast_linear.py), decided at the first step
-        # so that packing is not part of the time to first token; `room` bounds the decode steps
-        self.fast, self.view, self.room = fast, None, room
-        self.ids = torch.zeros(B, T, dtype=torch.long)
-        self.mask = torch.ones(B, slots or T + room, dtype=torch.bool)               # (B, keys)
-        for i, x in enumerate(prompts):
-            self.ids[i, T - len(x):] = torch.tensor(x)
-            self.mask[i, : T - len(x)] = False
-        self.ids, self.mask = self.ids.to(p.device), self.mask.to(p.device)
-        self.padded = any(len(x) < T for x in prompts)
-        self.pos = torch.tensor([len(x) for x in prompts], device=p.device)         # next position per row
-        self.session, self.reused = session, 0
-        if session is not None:  # one prompt: continue from the kept cache, prefill only what differs
-            self.cache, self.reused = session._take(model, prompts[0])
-        else:
-            self.cache = KVCache.for_model(model, B, slots or T + room)
-        # the padding mask as the model's 4-D form (B, 1, 1, keys), built once: a decode step slices it
-        self.mask4 = self.mask[:, None, None, :]
-
-    def prefill(self) -> torch.Tensor:
-        h = self.model.features(self.ids[:, self.reused:],
-                                attention_mask=self.mask[:, : self.T] if self.padded else None,
-                                cache=self.cache)                                     # (B, T, C)
-        if self.session is not None:
-            self.session._prefilled(self.ids[0].tolist(), self.reused)
-        return self.model.lm_logits(h[:, -1]).float()                                 # (B, V): last row only
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.fast:
-            self.fast = False
-            if fast_linear.worth_packing(self.model, len(tokens), self.room):
-                self.view = fast_linear.DecodeView(self.model, len(tokens))
-        model = self.view or self.model
-        keys = self.cache.pos + 1
-        h = model.features(tokens[:, None], attention_mask=self.mask4[..., :keys] if self.padded else None,
-                           positions=self.pos[:, None], cache=self.cache)             # (B, 1, C)
-        self.pos = self.pos + 1
-        if self.session is not None:
-            self.session.ids.append(int(tokens[0]))
-        return model.lm_logits(h[:, -1]).float()
-
-    def select(self, index: torch.Tensor) -> None:
-        self.cache.select(index)
-        self.mask, self.pos = self.mask.index_select(0, index), self.pos.index_select(0, index)
-        self.mask4 = self.mask[:, None, None, :]
-
-
-class CompiledDecoderBatch(DecoderBatch):
-    """A DecoderBatch whose decode steps run one compiled function of fixed shapes (see CompiledStep).
-
-    The cache spans the whole context; a step writes at the tensor `slot` and attends over the slots
-    written so far, under a 4-D mask that is False for padding. That key count is the one size that changes
-    per step: it is marked dynamic, so one compilation serves every step (attending over all context slots
-    instead would cost ~2x the attention at batch 8). The positions are tensors. Rows keep their place when
-    their sequence finishes (a smaller batch would be a new shape, so a new compilation): finished rows are
-    still computed, and only the live rows' logits are returned."""
-
-    def __init__(self, model: nn.Module, prompts: list[list[int]], step_fn, *, session: Session | None = None):
-        super().__init__(model, prompts, 0, slots=model.config.context_length, session=session)
-        self.step_fn, self.first = step_fn, True
-        self.mask[:, self.T:] = False        # slots after the prompt are unwritten until their step
-        self.slot = torch.tensor([self.T], device=self.mask.device)                  # (1,) next slot
-        self.pos = self.pos[:, None].contiguous()                                     # (B, 1)
-        self.rows: torch.Tensor | None = None    # live rows (batch indices), None = all
-        self.tokens = torch.zeros(len(prompts), 1, dtype=torch.long, device=self.mask.device)
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.first:  # once per generate call: see CompiledStep.refresh
-            self.step_fn.refresh()
-            self.first = False
-        if self.rows is None:
-            self.tokens[:, 0] = tokens
-        else:
-            self.tokens.index_copy_(0, self.rows, tokens[:, None])
-        self.mask.index_fill_(1, self.slot, True)
-        mask = self.mask4[..., : self.cache.pos + 1]
-        torch._dynamo.mark_dynamic(mask, 3)
-        try:
-            logits = self.step_fn(self.tokens, self.pos, self.slot, mask, self.cache.k, self.cache.v)
-        except torch._dynamo.exc.TorchDynamoException as e:  # compilation runs on the first call
-            raise GlassmindError(f"compiling the decode step failed ({type(e).__name__}); generate without "
-                                 "compile=True / --compile (is a C++ compiler installed?)") from e
-        self.pos += 1
-        self.slot += 1
-        self.cache.pos += 1
-        if self.session is not None:
-            self.session.ids.append(int(tokens[0]))
-        return logits if self.rows is None else logits.index_select(0, self.rows)
-
-    def select(self, index: torch.Tensor) -> None:
-        self.rows = index if self.rows is None else self.rows.index_select(0, index)
-
-
-_generations = itertools.count()  # weight snapshots of compiled steps, unique in the process
-
-
-class CompiledStep:
-    """One decode step of a decoder, compiled with torch.compile (inductor) from outside the model.
-
-    (tokens (B, 1), positions (B, 1), slot (1,), mask (B, 1, 1, keys), k, v: per-layer cache buffers
-    (B, H_kv, max_len, D)) -> next-token logits (B, V) float. The caller marks `keys` dynamic; every other
-    shape is fixed, so it compiles once per batch size. `cpp_wrapper` calls the kernels from generated C++
-    rather than Python, which removes most of the per-op overhead at batch 1 on CPU.
-
-    `freezing` makes the weights constants of the compiled code, so that inductor packs every linear's
-    weight once for the CPU GEMM (MKL in fp32, oneDNN/AMX in bf16): 1.3-1.5x faster steps at batch 8 and in
-    bf16 (benchmarks/RESULTS.md). torch 2.13 freezes the parameters of a module that the compiled function
-    closes over only while dynamo's `prepare_freezing` flag is on (without it they stay graph inputs and
-    nothing is packed), hence the flag around every call (compilation happens inside a call).
-
-    Constants go stale when the weights change, and dynamo reuses a compiled step function for any later
-    one over the same model (its cache belongs to the code object). So the step also takes `generation`, an
-    int that dynamo specialises on: refresh(), called once per generate call, compares the weights with the
-    copy taken when they were frozen and, if any differs, moves to a new generation, i.e. a recompilation
-    (seconds to a minute). A new CompiledStep starts a new generation too. Version counters cannot replace
-    the comparison: a fused AdamW step changes the weights in place without bumping them."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.generation = next(_generations)
-        self.frozen: list[torch.Tensor] | None = None   # the weights as the current generation froze them
-
-        def step(tokens, positions, slot, mask, k, v, generation):
-            # read `generation`, or dynamo would not guard on its value and a new one would not recompile
-            assert generation >= 0
-            cache = StaticKVCache(k, v, slot, mask.shape[-1])
-            h = model.decoder(model.token_embedding(tokens), positions, key_mask=mask, cache=cache)  # (B, 1, C)
-            return model.lm_logits(h[:, -1]).float()
-
-        # bf16 only (measured per step, one thread, batch 1 / 8): concat_linear turns q, k, v into one product
-        # (-10% / -10%: oneDNN's fixed cost per call dominates such small products) and max-autotune with
-        # inductor's C++ GEMM template replaces oneDNN's calls with generated AMX kernels (a further -34% /
-        # -31%), at ~30 s more compilation per batch size. In fp32 neither helps (concat: +15% at batch 8 with
-        # MKL; autotune: +-2%), so fp32 keeps the shorter compile.
-        options: dict[str, Any] = {"freezing": True, "cpp_wrapper": True}
-        if next(model.parameters()).dtype == torch.bfloat16:
-            options.update({"cpp.enable_concat_linear": True, "max_autotune": True,
-                            "max_autotune_gemm_backends": "CPP,ATEN",
-                            "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False})
-        self.fn = torch.compile(step, fullgraph=True, dynamic=False, options=options)
-
-    def refresh(self) -> None:
-        """Start a new generation if the weights differ from those the current one froze (~1.3 ms per 10 MB)."""
-        now = [*self.model.parameters(), *self.model.buffers()]
-        if self.frozen is not None and len(now) == len(self.frozen) and all(
-                _same_bits(p, f) for p, f in zip(now, self.frozen)):
-            return
-        if self.frozen is not None:
-            self.generation = next(_generations)
-        self.frozen = [p.detach().clone() for p in now]
-
-    def __call__(self, tokens, positions, slot, mask, k, v) -> torch.Tensor:
-        config = torch._dynamo.config  # set and restored by hand: config.patch() costs ~20 us per step
-        if not hasattr(config, "prepare_freezing"):  # a torch without the flag: compile as it does by default
-            return self.fn(tokens, positions, slot, mask, k, v, self.generation)
-        before, config.prepare_freezing = config.prepare_freezing, True
-        try:
-            return self.fn(tokens, positions, slot, mask, k, v, self.generation)
-        finally:
-            config.prepare_freezing = before
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-for-bit equality (a NaN equals itself). Compared as int64 words where the size allows: 4x faster
-    than torch.equal on float tensors on this CPU (1 ms vs 4 ms for 8 MB)."""
-    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
-        return False
-    if a.is_contiguous() and b.is_contiguous() and a.numel() * a.element_size() % 8 == 0:
-        return torch.equal(a.reshape(-1).view(torch.int64), b.reshape(-1).view(torch.int64))
-    return torch.equal(a, b)
-
-
-
-class Seq2SeqBatch:
-    """A batch of encoder-decoder sources: the encoder runs once in prefill; the cross-attention keys and
-    values of its output are computed on the first decoder call and kept in the cache."""
-
-    def __init__(self, model: nn.Module, sources: list[list[int]], start_id: int, room: int):
-        p = next(model.parameters())
-        B, S = len(sources), max(len(x) for x in sources)
-        self.model = model
-        self.src = torch.zeros(B, S, dtype=torch.long)
-        self.src_mask = torch.zeros(B, S, dtype=torch.bool)                           # right padding
-        for i, x in enumerate(sources):
-            self.src[i, : len(x)] = torch.tensor(x)
-            self.src_mask[i, : len(x)] = True
-        self.src, self.src_mask = self.src.to(p.device), self.src_mask.to(p.device)
-        self.padded = any(len(x) < S for x in sources)
-        self.start = torch.full((B, 1), start_id, dtype=torch.long, device=p.device)
-        self.cache = KVCache.for_model(model, B, 1 + room)
-
-    def _src_mask(self) -> torch.Tensor | None:
-        return self.src_mask if self.padded else None
-
-    def prefill(self) -> torch.Tensor:
-        memory = self.model.encode(self.src, self._src_mask())                        # (B, S, C)
-        logits = self.model.decode(self.start, memory, src_mask=self._src_mask(), cache=self.cache)
-        return logits[:, -1].float()                                                  # (B, V)
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        logits = self.model.decode(tokens[:, None], None, src_mask=self._src_mask(), cache=self.cache)
-        return logits[:, -1].float()
-
-    def select(self, index: torch.Tensor) -> None:
-        self.cache.select(index)
-        self.src_mask = self.src_mask.index_select(0, index)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -563,16 +300,24 @@ class Engine:
             reasons.append("length" if params.max_new_tokens <= room else "context")
         return out, reasons
 
-    def _batch(self, prompts: list[list[int]], room: int, params: SamplingParams, session: Session | None):
+    def _batch(self, prompts: list[list[int]], room: int, params: SamplingParams, session: Session | None
+               ) -> DecodeBatch:
+        """The one place a speed path is chosen. Eager: the model itself; packed: decode steps through a view
+        of it whose weights are packed once per call (fast_linear.py), when the machine has a kernel for them
+        and the call is long enough to repay packing; compiled: one torch.compile'd step of fixed shapes
+        (compiled.py; greedy and sampling on decoders)."""
         if self.config.arch == "encoder-decoder":
             return Seq2SeqBatch(self.model, prompts, self.decoder_start_token_id, room)  # type: ignore[arg-type]
         if params.strategy == "beam":  # beams are reordered copies of caches: nothing to keep, no fixed shape
             if session is not None:
                 session.reset()
-            return DecoderBatch(self.model, prompts, room, fast=self.packed)
+            return DecoderBatch(self.model, prompts, room, decode_model=self._packed(room))
         if self._step is not None:
             return CompiledDecoderBatch(self.model, prompts, self._step, session=session)
-        return DecoderBatch(self.model, prompts, room, session=session, fast=self.packed)
+        return DecoderBatch(self.model, prompts, room, session=session, decode_model=self._packed(room))
+
+    def _packed(self, room: int) -> Callable[[int], nn.Module] | None:
+        return fast_linear.packed_decode(self.model, room) if self.packed else None
 
     # -- the loop --------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -157,6 +157,12 @@ def worth_packing(model: nn.Module, rows: int, steps: int) -> bool:
     return steps >= PACK_MIN_STEPS and can_view(model) and choose_kernel(model.output_projection()[0], rows) != "linear"
 
 
+def packed_decode(model: nn.Module, steps: int):
+    """The engine's packed path: rows -> the module a call's decode steps run, a DecodeView of `model` when
+    packing is worth it for that many rows and up to `steps` steps (worth_packing), else `model` itself."""
+    return lambda rows: DecodeView(model, rows) if worth_packing(model, rows, steps) else model
+
+
 class DecodeView:
     """A decoder (glassmind Transformer) for decode steps of `rows` sequences: `features` and `lm_logits`
     as the model's, every nn.Linear and the LM head computed by PackedLinear. Build one per generate call

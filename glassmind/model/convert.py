@@ -55,7 +55,7 @@ def _copy_tokenizer_from_hf(src: Path, out: Path) -> str | None:
 
 
 def from_hf(src: Path, out: Path, *, via: str, allow_pickle: bool, overwrite: bool) -> None:
-    from glassmind.model import interop
+    from glassmind.model import interop, save_model
 
     if src.resolve() == out.resolve():
         raise GlassmindError("--out must differ from --from-hf: the two directories have different layouts")
@@ -64,7 +64,7 @@ def from_hf(src: Path, out: Path, *, via: str, allow_pickle: bool, overwrite: bo
         model = interop.from_hf(interop.load_hf_dir(src))
     else:
         model = interop.from_hf_dir(src, allow_pickle=allow_pickle)
-    model.save(out)
+    save_model(model, out)
     atomic_write_bytes(out / HF_CONFIG_COPY, (src / "config.json").read_bytes())
     tok = _copy_tokenizer_from_hf(src, out)
     name = interop.architecture_of(json.loads((src / "config.json").read_text(encoding="utf-8")))
@@ -76,7 +76,7 @@ def from_hf(src: Path, out: Path, *, via: str, allow_pickle: bool, overwrite: bo
 
 
 def to_hf(run: Path, out: Path, *, family: str | None, overwrite: bool) -> None:
-    from glassmind.model import interop, load
+    from glassmind.model import interop, load_model
 
     if run.resolve() == out.resolve():
         raise GlassmindError("--out must differ from --to-hf: the two directories have different layouts")
@@ -85,7 +85,7 @@ def to_hf(run: Path, out: Path, *, family: str | None, overwrite: bool) -> None:
         import transformers  # noqa: F401
     except ImportError:
         raise GlassmindError("--to-hf needs transformers: pip install 'glassmind[hf]'") from None
-    model = load(run)
+    model = load_model(run)
     base = None
     if (run / HF_CONFIG_COPY).exists():
         base = json.loads((run / HF_CONFIG_COPY).read_text(encoding="utf-8"))

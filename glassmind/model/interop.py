@@ -517,10 +517,7 @@ def _from_hf_state(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig, architectur
     missing = sorted(set(model.state_dict()) - set(ours))
     assert not missing, f"interop table for {architecture} misses {missing}"
     model.load_state_dict(ours, strict=True, assign=True)
-    from glassmind.model.checkpoint import _rebuild_buffers  # the sinusoid is a buffer, not in any file
-
-    _rebuild_buffers(model)
-    return model.eval()
+    return model.rebuild_buffers().eval()  # the sinusoid is a buffer, not in any file
 
 
 # ======================================================================================================

@@ -17,9 +17,10 @@ cache object it duck-types).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -57,14 +58,8 @@ class ModelConfig:
     final_norm: bool | None = None       # None: True for pre-norm (the residual stream is never normalised
                                          # otherwise), False for post-norm (each block already ends in a norm)
     positional: str = "learned"
-    sinusoidal_layout: Literal["interleaved", "halves"] = "interleaved"  # halves: [sin..., cos...] (Marian)
-    position_offset: int = 0             # learned table rows skipped before position 0 (BART uses 2)
     rope_theta: float = 10000.0
-    scale_embeddings: bool = False       # multiply token embeddings by sqrt(d_model) (Vaswani et al. sec. 3.4)
-    embedding_norm: bool = False         # normalise the summed embeddings (BERT, BART)
-    type_vocab_size: int = 0             # > 0: segment (token type) embeddings (BERT)
     bias: bool = True                    # biases in linear layers and norms
-    lm_head_bias: bool = False           # a bias on the output logits (BART/Marian final_logits_bias)
     tie_embeddings: bool = True          # output projection = token embedding matrix (Press & Wolf 2017)
     dropout: float = 0.0
     attention_dropout: float | None = None  # None: same as dropout
@@ -72,6 +67,13 @@ class ModelConfig:
     num_labels: int = 2                  # classification heads
     pad_token_id: int | None = None
     init_std: float = 0.02
+    # -- variants that exist so other models' weights load unchanged (model/interop.py); each changes a line
+    sinusoidal_layout: Literal["interleaved", "halves"] = "interleaved"  # halves: [sin..., cos...] (Marian)
+    position_offset: int = 0             # learned table rows skipped before position 0 (BART uses 2)
+    scale_embeddings: bool = False       # multiply token embeddings by sqrt(d_model) (Vaswani sec. 3.4; Marian)
+    embedding_norm: bool = False         # normalise the summed embeddings (BERT, BART)
+    type_vocab_size: int = 0             # > 0: segment (token type) embeddings (BERT)
+    lm_head_bias: bool = False           # a bias on the output logits (BART/Marian final_logits_bias)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -306,6 +308,12 @@ class MultiHeadAttention(nn.Module):
 # ======================================================================================================
 
 
+# the function each activation applies (a gated one applies it to W_gate x)
+ACTIVATION_FNS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+                  "silu": F.silu, "swiglu": F.silu, "geglu": F.gelu}
+GATED = ("swiglu", "geglu")
+
+
 class FeedForward(nn.Module):
     """FFN(x) = W2 act(W1 x + b1) + b2, applied to every position alone (Vaswani eq. 2).
 
@@ -315,25 +323,17 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.activation = cfg.activation
+        self.act = ACTIVATION_FNS[cfg.activation]  # resolved once, not per call
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)  # type: ignore[arg-type]
-        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.activation in ("swiglu", "geglu") else None  # type: ignore[arg-type]
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.activation in GATED else None  # type: ignore[arg-type]
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)                                                               # (B, T, d_ff)
-        a = self.activation
-        if a == "relu":
-            h = F.relu(h)
-        elif a == "gelu":
-            h = F.gelu(h)
-        elif a == "gelu_tanh":
-            h = F.gelu(h, approximate="tanh")
-        elif a == "silu":
-            h = F.silu(h)
-        elif a == "swiglu":
-            h = F.silu(self.gate(x)) * h
-        else:  # geglu
-            h = F.gelu(self.gate(x)) * h
+        if self.gate is None:
+            h = self.act(h)
+        else:                                                                        # GLU: act(W_gate x) * W1 x
+            h = self.act(self.gate(x)) * h
         return self.down(h)                                                          # (B, T, C)
 
 
@@ -358,20 +358,24 @@ class Block(nn.Module):
         self.ffn_norm = make_norm(cfg)
         self.dropout = cfg.dropout
 
-    def _residual(self, x: torch.Tensor, norm: nn.Module, sublayer) -> torch.Tensor:
-        drop = (lambda h: F.dropout(h, self.dropout, True)) if self.training and self.dropout else (lambda h: h)
-        if self.pre:
-            return x + drop(sublayer(norm(x)))
-        return norm(x + drop(sublayer(x)))
-
     def forward(self, x: torch.Tensor, *, mask, is_causal, rope, memory=None, memory_mask=None,
                 cache=None, layer: int = 0) -> torch.Tensor:
-        x = self._residual(x, self.self_attn_norm, lambda h: self.self_attn(
-            h, mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=layer))
+        attend = dict(mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=layer)
+        cross = dict(mask=memory_mask, memory=memory, cache=cache, layer=layer)
+        if self.pre:  # x + Sublayer(Norm(x))
+            x = x + self._dropout(self.self_attn(self.self_attn_norm(x), **attend))
+            if self.cross_attn is not None:
+                x = x + self._dropout(self.cross_attn(self.cross_attn_norm(x), **cross))
+            return x + self._dropout(self.ffn(self.ffn_norm(x)))                    # (B, T, C)
+        # post-norm: Norm(x + Sublayer(x))
+        x = self.self_attn_norm(x + self._dropout(self.self_attn(x, **attend)))
         if self.cross_attn is not None:
-            x = self._residual(x, self.cross_attn_norm, lambda h: self.cross_attn(
-                h, mask=memory_mask, memory=memory, cache=cache, layer=layer))
-        return self._residual(x, self.ffn_norm, self.ffn)                           # (B, T, C)
+            x = self.cross_attn_norm(x + self._dropout(self.cross_attn(x, **cross)))
+        return self.ffn_norm(x + self._dropout(self.ffn(x)))                       # (B, T, C)
+
+    def _dropout(self, h: torch.Tensor) -> torch.Tensor:
+        """Residual dropout on a sublayer's output (Vaswani sec. 5.4)."""
+        return F.dropout(h, self.dropout, True) if self.training and self.dropout else h
 
 
 # ======================================================================================================
@@ -404,18 +408,28 @@ class Stack(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, *, key_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, memory: torch.Tensor | None = None,
                 memory_mask: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
+        """Embedded tokens (B, T, C) -> the stack's output (B, T, C): positions and the rest of the embedding,
+        then every block, then the final norm."""
         cfg = self.cfg
         past = cache.pos if cache is not None else 0
-        # Context check. Without a cache: one look at the positions. With a cache and no padding the last
-        # position is past + T - 1: an int check, no device sync per decoded token. With a cache and
-        # padding, cache slots outrun positions; the caller (the engine) stops each sequence at the limit.
-        if cache is None:
-            last = int(positions.max()) if positions.numel() else -1
-        else:
-            last = past + x.shape[1] - 1 if key_mask is None else -1
-        if last >= cfg.context_length:
-            raise GlassmindError(f"position {last} is beyond the model's context length "
-                                 f"{cfg.context_length}: shorten the input")
+        self._check_context(x.shape[1], positions, past, cache, key_mask)
+        x = self.embed(x, positions, token_type_ids)                                 # (B, T, C)
+        rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta) if cfg.positional == "rope" else None
+        mask = attention_mask(x.shape[1], past, key_mask, causal=self.causal, device=x.device)
+        # Causal with nothing to mask and no cache: let the fused kernel build the triangle itself.
+        is_causal = self.causal and mask is None and past == 0
+        mem_mask = None if memory_mask is None else memory_mask[:, None, None, :].bool()  # (B, 1, 1, S)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask=mask, is_causal=is_causal, rope=rope, memory=memory, memory_mask=mem_mask,
+                      cache=cache, layer=i)
+        if cache is not None:
+            cache.advance(x.shape[1])
+        return self.final_norm(x) if self.final_norm is not None else x              # (B, T, C)
+
+    def embed(self, x: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings (B, T, C) + position information + segment embeddings, normalised and dropped out
+        as the config says. (Rotary positions act inside attention instead.)"""
+        cfg = self.cfg
         if cfg.scale_embeddings:
             x = x * math.sqrt(cfg.d_model)
         if cfg.positional == "learned":
@@ -427,19 +441,20 @@ class Stack(nn.Module):
             x = x + self.token_type_embedding(types)
         if self.embedding_norm is not None:
             x = self.embedding_norm(x)
-        x = self.dropout(x)
+        return self.dropout(x)
 
-        rope = (rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta) if cfg.positional == "rope" else None)
-        mask = attention_mask(x.shape[1], past, key_mask, causal=self.causal, device=x.device)
-        # Causal with nothing to mask and no cache: let the fused kernel build the triangle itself.
-        is_causal = self.causal and mask is None and past == 0
-        mem_mask = None if memory_mask is None else memory_mask[:, None, None, :].bool()  # (B, 1, 1, S)
-        for i, block in enumerate(self.blocks):
-            x = block(x, mask=mask, is_causal=is_causal, rope=rope, memory=memory, memory_mask=mem_mask,
-                      cache=cache, layer=i)
-        if cache is not None:
-            cache.advance(x.shape[1])
-        return self.final_norm(x) if self.final_norm is not None else x              # (B, T, C)
+    def _check_context(self, T: int, positions: torch.Tensor, past: int, cache: Any,
+                       key_mask: torch.Tensor | None) -> None:
+        """No position beyond the context. Without a cache: one look at the positions. With a cache and no
+        padding the last position is past + T - 1: an int check, no device sync per decoded token. With a cache
+        and padding, cache slots outrun positions; the caller (the engine) stops each sequence at the limit."""
+        if cache is None:
+            last = int(positions.max()) if positions.numel() else -1
+        else:
+            last = past + T - 1 if key_mask is None else -1
+        if last >= self.cfg.context_length:
+            raise GlassmindError(f"position {last} is beyond the model's context length "
+                                 f"{self.cfg.context_length}: shorten the input")
 
 
 def attention_mask(T: int, past: int, key_mask: torch.Tensor | None, *, causal: bool,
@@ -586,6 +601,14 @@ class Transformer(nn.Module):
         values are filled, `memory` may be None."""
         return self.lm_logits(self.decode_features(tgt_ids, memory, **kw))
 
+    def next_token_logits(self, ids: torch.Tensor, *, positions: torch.Tensor, attention_mask: torch.Tensor,
+                          cache: Any) -> torch.Tensor:
+        """A decoder's logits (B, V) at the last position, with every input given: positions (B, T), the
+        finished 4-D mask (B, 1, T, keys) and a cache. No id checks and no defaults, so torch.compile traces it
+        without a data-dependent branch (the engine's compiled decode step; the engine checked the ids)."""
+        h = self.decoder(self.token_embedding(ids), positions, key_mask=attention_mask, cache=cache)  # (B, T, C)
+        return self.lm_logits(h[:, -1])
+
     def output_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight (V, C), bias (V,) or None) of the projection to the vocabulary: the token embedding when
         `tie_embeddings` is on (a fused loss takes them instead of the logits)."""
@@ -617,8 +640,12 @@ class Transformer(nn.Module):
             total += p.numel()
         return total
 
-    # -- files -------------------------------------------------------------------------------------------
-    def save(self, run_dir: Any) -> None:
-        from glassmind.model.checkpoint import save_model
-
-        save_model(self, run_dir)
+    # -- buffers -----------------------------------------------------------------------------------------
+    def rebuild_buffers(self) -> "Transformer":
+        """Recompute the non-persistent buffers (the sinusoid tables), which no weights file holds: after
+        building on the meta device and loading weights with assign=True, they still live on meta."""
+        for stack in (self.encoder, self.decoder):
+            if stack is not None and hasattr(stack, "sinusoid"):
+                c = stack.cfg
+                stack.sinusoid = sinusoidal_table(c.context_length, c.d_model, c.sinusoidal_layout)
+        return self

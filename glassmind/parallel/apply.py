@@ -268,6 +268,27 @@ class ParallelModel:
         dist.all_reduce(values)
         return values.cpu()
 
+    # -- files: the train state and the model, in the one-process format whatever the layout ---------------
+    def save_state(self, root, step: int, *, optimizer, scaler=None, loader_state: dict | None = None,
+                   extra: dict | None = None, keep_last: int = 3):
+        """glassmind.train.checkpoint.save for this layout: every rank gathers its pieces, rank 0 writes."""
+        from glassmind.parallel import gather
+
+        return gather.save_checkpoint(self, root, step, optimizer=optimizer, scaler=scaler,
+                                      loader_state=loader_state, extra=extra, keep_last=keep_last)
+
+    def load_state(self, path, *, optimizer=None, scaler=None) -> dict:
+        """glassmind.train.checkpoint.load for this layout (any layout may have written the checkpoint)."""
+        from glassmind.parallel import gather
+
+        return gather.load_checkpoint(self, path, optimizer=optimizer, scaler=scaler)
+
+    def save_model(self, run_dir):
+        """config.json + model.safetensors of the whole model (every rank calls it; rank 0 writes)."""
+        from glassmind.parallel import gather
+
+        return gather.save_model(self, run_dir)
+
     # -- after backward ----------------------------------------------------------------------------------
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> float:
@@ -347,6 +368,12 @@ def _broadcast_parameters(model: nn.Module) -> None:
     the model at start)."""
     for t in list(model.parameters()) + list(model.buffers()):
         dist.broadcast(t.data, src=0)
+
+
+def single_process(model: nn.Module) -> ParallelModel:
+    """`model` as one process trains it, with the same calls a layout has (the RL recipes: they roll out
+    through the inference engine on the whole model, so they run in one process)."""
+    return ParallelModel(model, parse_spec("", world_size=1), None)
 
 
 def apply_parallel(model: nn.Module, spec: ParallelSpec, mesh) -> ParallelModel:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch.distributed as dist
 from torch import nn
 
+from glassmind.common import GlassmindError
 from glassmind.parallel.apply import ParallelModel
 from glassmind.parallel.mesh import ParallelSpec, close_distributed, init_distributed, parse_spec
 
@@ -105,7 +107,7 @@ def whole_model(pm: ParallelModel, rank0_model: nn.Module | None) -> nn.Module |
     """The whole model as one process has it: for one process pm.module itself; under a layout, on global
     rank 0, `rank0_model` (from rank0_copy) loaded with the gathered weights, and None on the other ranks.
     Every rank must call it (the gather is a collective)."""
-    from glassmind.parallel.checkpoint import full_model_state
+    from glassmind.parallel.gather import full_model_state
 
     if pm.mesh is None:
         return pm.module
@@ -114,3 +116,35 @@ def whole_model(pm: ParallelModel, rank0_model: nn.Module | None) -> nn.Module |
         return None
     rank0_model.load_state_dict(state, strict=True)
     return rank0_model
+
+
+def parallel_layout(text: str, verb: str, *, parent: Path, batch_size: int, unit: str):
+    """The --parallel layout of an alignment verb, checked before any process group exists, so a wrong one is
+    the same clear error on every rank instead of a hang. Data parallel (dp, zero=1|2|3, fsdp) and tensor
+    parallel (tp) are supported, with fp32 or bf16 compute."""
+    from glassmind.model import load_config
+    from glassmind.parallel.mesh import check_model, parse_spec
+    from glassmind.parallel.tensor import check_attention_splits
+
+    spec = parse_spec(text)
+    supported = f"{verb} runs data parallel (dp=N, zero=1|2|3, fsdp=N) and tensor parallel (tp=N) layouts"
+    if spec.pp > 1:
+        raise GlassmindError(f"--parallel {spec}: {supported}, not pipeline stages: drop pp (a pipeline schedule "
+                             f"runs pretrain's causal-LM loss, not {verb}'s)")
+    if spec.mp == "fp16":
+        raise GlassmindError(f"--parallel {spec}: {verb} has no fp16 loss scaler; use mp=bf16 or mp=fp32")
+    if batch_size % spec.dp:
+        raise GlassmindError(f"--parallel {spec}: --batch-size {batch_size} ({unit}) does not split evenly over "
+                             f"{spec.dp} data-parallel replicas: use a multiple of {spec.dp}")
+    if spec.world > 1:
+        config = load_config(parent)
+        check_model(spec, config)
+        if spec.tp > 1:
+            check_attention_splits(config, spec.tp)
+    return spec
+
+
+def replica_rows(pm, n: int) -> slice:
+    """This data-parallel replica's rows of a global batch of n (n divisible by the replicas)."""
+    per = n // pm.dp_size
+    return slice(pm.dp_rank * per, (pm.dp_rank + 1) * per)

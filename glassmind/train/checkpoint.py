@@ -18,7 +18,6 @@ deleting its manifest first, so a kill mid-prune leaves a folder `latest` skips.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -263,27 +262,3 @@ def load(path: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Op
     if restore_rng:
         _rng_restore(st_load((path / "rng.safetensors").read_bytes()), state["rng"])
     return {"step": state["step"], "loader": state["loader"], "extra": state["extra"]}
-
-
-def check_run_dir(cfg: Any, settings_file: str, may_change: frozenset) -> Path:
-    """A fresh run directory, or the same run resumed with its own settings: never clobber another run.
-    Checks only (every training verb calls it before writing anything); `settings_file` is the verb's saved
-    config, `may_change` the fields a resume may alter because they do not change what is computed."""
-    from glassmind.common import GlassmindError
-
-    out = Path(cfg.out)
-    saved_path = out / settings_file
-    if cfg.resume:
-        if not saved_path.exists():
-            raise GlassmindError(f"--resume: {out} holds no {settings_file}, so there is no run to resume; "
-                                 "drop --resume to start one")
-        saved = json.loads(saved_path.read_text(encoding="utf-8"))
-        diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
-                if k not in may_change and saved.get(k) != v}
-        if diff:
-            pretty = ", ".join(f"{k}: run has {a!r}, you gave {b!r}" for k, (a, b) in diff.items())
-            raise GlassmindError(f"--resume with settings that change the run ({pretty}); resume with the "
-                                 "run's own settings (just --out and --resume) or start a new run")
-    elif saved_path.exists() or (out / "train_state").exists():
-        raise GlassmindError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    return out

@@ -39,21 +39,24 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
 
-from glassmind.common import GlassmindError, atomic_path, print0, run_main
+from glassmind.common import GlassmindError, atomic_path, config_field, print0, run_main
 from glassmind.data import tasks as task_lib
-from glassmind.model.heads import ScalarHead
 from glassmind.tokenizer.chat import ChatFormat
-from glassmind.train import checkpoint, metrics, rl
+from glassmind.train import losses as rl
+from glassmind.train import metrics
+from glassmind.train.chat_runs import accuracy_row, evaluate_tasks, load_chat_run, require_dir, save_outputs
 from glassmind.train.optim import adamw
+from glassmind.train.reward_model import load_reward_model
+from glassmind.train.rollouts import (PolicyWithValue, frozen, minibatch_order, plot_rl, policy_forward,
+                                      read_prompts, rl_summary, rollout, sample_seed, score_batch,
+                                      step_prompts, verifier_accuracy, zero_value_head)
+from glassmind.train.run import Run, RunSettings, parse_config, set_lr, setup_torch
 from glassmind.train.schedule import lr_at
-from glassmind.train.sft import (accuracy_row, config_field, evaluate_tasks, generate, load_chat_run,
-                                 parse_config, prepare_out, require_dir, resume_state, save_outputs, set_lr,
-                                 setup_torch)
 
 SETTINGS = "ppo.json"
 VERIFIER = "verifier"
@@ -65,7 +68,7 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(RunSettings):
     policy: str = config_field("", "the SFT run: the starting policy and the frozen reference")
     reward: str = config_field("", "the reward-model run (glassmind reward), or 'verifier': 1/0 from the built-in "
                                    "tasks' verifier instead of a learned model (a diagnostic: is the reward model "
@@ -110,10 +113,6 @@ class PPOConfig:
     eval_per_task: int = config_field(10, "held-out prompts per task in each evaluation")
     final_eval_per_task: int = config_field(50, "held-out prompts per task in the final evaluation")
     ckpt_every: int = config_field(10, "checkpoint every N steps (and at the end)")
-    keep_last: int = config_field(2, "checkpoints to keep")
-    resume: bool = config_field(False, "continue the run in --out from its newest complete checkpoint")
-    threads: Optional[int] = config_field(None, "CPU threads for torch")
-    progress: bool = config_field(True, "print a line per step")
 
 
 def check(cfg: PPOConfig) -> None:
@@ -134,114 +133,8 @@ def check(cfg: PPOConfig) -> None:
         raise GlassmindError("--temperature must be > 0: PPO needs sampled rollouts")
 
 
-# ======================================================================================================
-# 2. Rollouts (shared with GRPO)
-# ======================================================================================================
-
-
-class PolicyWithValue(nn.Module):
-    """The policy and its value head, as one module so the train-state checkpoint holds both."""
-
-    def __init__(self, policy: nn.Module, value_head: nn.Module | None):
-        super().__init__()
-        self.policy, self.value_head = policy, value_head
-
-    @property
-    def config(self):
-        return self.policy.config
-
-
-def zero_value_head(d_model: int) -> ScalarHead:
-    head = ScalarHead(d_model)
-    nn.init.zeros_(head.proj.weight)
-    return head
-
-
-def read_prompts(path: str) -> list[list[dict]]:
-    """Prompts from JSONL lines {"prompt": text or messages} (preference files work too: their prompts)."""
-    out = [task_lib._prompt(obj.get("prompt"), f"{path}:{n}") for n, obj in task_lib._lines(path)]
-    if not out:
-        raise GlassmindError(f"{path} holds no prompts")
-    return out
-
-
-def step_prompts(cfg, step: int, n: int, user: list[list[dict]] | None) -> tuple[list[list[dict]], list]:
-    """The prompts of one step (a pure function of seed and step) and their examples (None for user prompts)."""
-    if user is not None:
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        idx = torch.randint(len(user), (n,), generator=g).tolist()
-        return [user[i] for i in idx], [None] * n
-    examples = task_lib.train_examples(n, cfg.seed * 1_000_003 + step, cfg.tasks, cfg.world_seed, "rl")
-    return [e.messages()[:1] for e in examples], examples
-
-
-def sample_seed(seed: int, step: int) -> int:
-    """The engine seeds reply i with this + i: distinct per step, the same when a step is re-run on resume."""
-    return (seed * 1_000_003 + step) * 100_003
-
-
-@dataclass
-class Rollouts:
-    ids: torch.Tensor        # (B, T) prompt + reply, right-padded
-    attn: torch.Tensor       # (B, T)
-    actions: torch.Tensor    # (B, T-1) 1 where logprob[t] scores a reply token
-    replies: list[str]
-    examples: list           # task_lib.Example or None per row
-    lengths: torch.Tensor    # (B,) reply tokens
-    ended: torch.Tensor      # (B,) bool: the reply closed with <|end|> (False: cut by the token limit)
-
-
-def rollout(model: nn.Module, fmt: ChatFormat, messages: Sequence[list[dict]], examples: list, *, max_new_tokens: int,
-            temperature: float, seed: int) -> Rollouts:
-    prompts = [fmt.render_prompt(m) for m in messages]
-    replies = generate(model, prompts, fmt.end_id, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    ids, attn, actions = rl.rollout_batch(prompts, replies, fmt.pad_id, fmt.end_id)
-    return Rollouts(ids, attn, actions, [fmt.parse_reply(r) for r in replies], list(examples),
-                    torch.tensor([len(r) for r in replies], dtype=torch.float32),
-                    torch.tensor([fmt.end_id in r for r in replies], dtype=torch.bool))
-
-
-def verifier_accuracy(r: Rollouts) -> float | None:
-    pairs = [(e, rep) for e, rep in zip(r.examples, r.replies) if e is not None]
-    return sum(task_lib.verify(e, rep) for e, rep in pairs) / len(pairs) if pairs else None
-
-
-def minibatch_order(seed: int, step: int, epoch: int, n: int, size: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + epoch)
-    return list(torch.randperm(n, generator=g).split(size))
-
-
-def policy_forward(model: PolicyWithValue, ids: torch.Tensor, attn: torch.Tensor, *, with_entropy: bool = False,
-                   temperature: float = 1.0, value_only: bool = False):
-    """(logprob (b, T-1), values (b, T-1) or None, entropy or None) in one pass over the shared trunk. The
-    value at position t is V(prefix up to token t), the state in which action t (token t+1) is taken."""
-    hidden, logp, ent = rl.forward_logprobs(model.policy, ids, attn, with_entropy=with_entropy,
-                                            temperature=temperature)
-    if value_only:  # value warmup: the value loss may move the head only, not the policy's trunk
-        hidden = hidden.detach()
-    values = model.value_head(hidden[:, :-1]) if model.value_head is not None else None
-    return logp, values, ent
-
-
-@torch.no_grad()
-def score_batch(model: PolicyWithValue, ref: nn.Module, r: Rollouts, order: Sequence[torch.Tensor], *,
-                temperature: float = 1.0):
-    """old logprob, values, entropy, reference logprob (each (B, T-1)), computed minibatch by minibatch in
-    `order` (epoch 0's), so the first update sees bit-identical log-probs: ratio exactly 1."""
-    B, T1 = r.actions.shape
-    old_logp, ref_logp, ent = torch.zeros(B, T1), torch.zeros(B, T1), torch.zeros(B, T1)
-    values = torch.zeros(B, T1)
-    for idx in order:
-        lp, v, e = policy_forward(model, r.ids[idx], r.attn[idx], with_entropy=True, temperature=temperature)
-        old_logp[idx], ent[idx] = lp, e
-        if v is not None:
-            values[idx] = v
-        ref_logp[idx] = rl.forward_logprobs(ref, r.ids[idx], r.attn[idx], temperature=temperature)[1]
-    return old_logp, values, ent, ref_logp
-
-
 def save_policy(out: Path, model: PolicyWithValue, tok) -> None:
-    """The policy as a plain model run (loadable by glassmind.model.load), the value head beside it."""
+    """The policy as a plain model run (loadable by glassmind.model.load_model), the value head beside it."""
     from safetensors.torch import save_file
 
     save_outputs(out, model.policy, tok)
@@ -250,21 +143,17 @@ def save_policy(out: Path, model: PolicyWithValue, tok) -> None:
             save_file({k: v.detach().contiguous() for k, v in model.value_head.state_dict().items()}, str(tmp))
 
 
-def frozen(model: nn.Module) -> nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 # ======================================================================================================
 # 3.-6. One PPO step
 # ======================================================================================================
 
 
-def ppo_step(cfg: PPOConfig, step: int, model: PolicyWithValue, ref: nn.Module, rm: nn.Module, fmt: ChatFormat,
-             optimizer, kl_ctl: rl.KLController, moments: rl.RunningMoments, user_prompts) -> dict:
-    """Rollouts, scoring, rewards, GAE and `ppo_epochs` epochs of clipped updates. Returns the step's stats."""
+def ppo_step(cfg: PPOConfig, step: int, pm, ref: nn.Module, rm: nn.Module, fmt: ChatFormat, optimizer,
+             kl_ctl: rl.KLController, moments: rl.RunningMoments, user_prompts, run: Run) -> dict:
+    """Rollouts, scoring, rewards, GAE and `ppo_epochs` epochs of clipped updates, each minibatch stepped
+    through `run.optimizer_step`. `pm` holds the PolicyWithValue (parallel.single_process). Returns the step's
+    stats."""
+    model: PolicyWithValue = pm.module
     k = cfg.samples_per_prompt
     messages, examples = step_prompts(cfg, step, cfg.rollouts // k, user_prompts)
     messages, examples = [m for m in messages for _ in range(k)], [e for e in examples for _ in range(k)]
@@ -311,7 +200,6 @@ def ppo_step(cfg: PPOConfig, step: int, model: PolicyWithValue, ref: nn.Module, 
     stats: dict[str, list[float]] = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "approx_kl": [],
                                      "vf_clipfrac": []}
     ratio_first = None
-    params = [p for p in model.parameters() if p.requires_grad]
     # Value warmup (the value head starts at 0, so until it has learnt which prompts score high, an advantage
     # is mostly "this prompt is easy", not "this reply was good"): fit the head alone on frozen features.
     warmup = step < cfg.value_warmup_steps
@@ -327,9 +215,7 @@ def ppo_step(cfg: PPOConfig, step: int, model: PolicyWithValue, ref: nn.Module, 
                 ratio_first = pg_stats["ratio"]
             loss = vf_loss if warmup else pg_loss + cfg.vf_coef * vf_loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            run.optimizer_step(pm, optimizer, float(loss.detach()), step=step, grad_clip=cfg.grad_clip)
             losses = {"pg_loss": float(pg_loss.detach()), "vf_loss": float(vf_loss.detach())}
             for k, val in (*losses.items(), *pg_stats.items(), *vf_stats.items()):
                 if k in stats:
@@ -355,7 +241,7 @@ def ppo_step(cfg: PPOConfig, step: int, model: PolicyWithValue, ref: nn.Module, 
 
 
 def ppo(cfg: PPOConfig) -> dict:
-    from glassmind.train.reward import load_reward_model
+    from glassmind.parallel import single_process
 
     t_start = time.perf_counter()
     check(cfg)
@@ -365,7 +251,8 @@ def ppo(cfg: PPOConfig) -> dict:
     elif cfg.prompts:
         raise GlassmindError("--reward verifier checks the built-in tasks' answers: drop --prompts")
     setup_torch(cfg.threads)
-    out = prepare_out(cfg, SETTINGS)
+    run = Run(cfg, SETTINGS)
+    out = run.start()
 
     policy, tok, fmt = load_chat_run(cfg.policy, "--policy")
     rl.check_pad_eos(fmt.pad_id, fmt.end_id)
@@ -378,20 +265,20 @@ def ppo(cfg: PPOConfig) -> dict:
     user_prompts = read_prompts(cfg.prompts) if cfg.prompts else None
     heldout = task_lib.heldout_examples(cfg.eval_per_task, cfg.tasks, cfg.world_seed)
 
+    pm = single_process(model)
     optimizer = adamw(model, lr=cfg.lr, weight_decay=0.0)
     kl_ctl = rl.KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     moments = rl.RunningMoments()
-    log = metrics.MetricsLog(out)
-    step, extra, last = resume_state(cfg, out, model=model, optimizer=optimizer)
-    if extra:
-        kl_ctl.load_state_dict(extra["kl_ctl"])
-        moments.load_state_dict(extra["moments"])
+    log = run.log
+    step, info = run.resume(pm, optimizer)
+    if info["extra"]:
+        kl_ctl.load_state_dict(info["extra"]["kl_ctl"])
+        moments.load_state_dict(info["extra"]["moments"])
 
-    def save_checkpoint() -> Path:
-        path = checkpoint.save(out / "train_state", step, model=model, optimizer=optimizer, keep_last=cfg.keep_last,
-                               extra={"kl_ctl": kl_ctl.state_dict(), "moments": moments.state_dict()})
+    def save_checkpoint() -> None:
+        run.checkpoint(pm, step, optimizer=optimizer,
+                       extra={"kl_ctl": kl_ctl.state_dict(), "moments": moments.state_dict()})
         save_policy(out, model, tok)
-        return path
 
     first = None
     if step == 0:
@@ -405,7 +292,7 @@ def ppo(cfg: PPOConfig) -> dict:
             lr = lr_at(step - cfg.value_warmup_steps, max_lr=cfg.lr, total_steps=cfg.steps - cfg.value_warmup_steps,
                        warmup_steps=cfg.warmup_steps, decay="constant")
         set_lr(optimizer, lr)
-        row = ppo_step(cfg, step, model, ref, rm, fmt, optimizer, kl_ctl, moments, user_prompts)
+        row = ppo_step(cfg, step, pm, ref, rm, fmt, optimizer, kl_ctl, moments, user_prompts, run)
         step += 1
         row = {"step": step, "tokens": step * cfg.rollouts, "lr": lr, **row}
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
@@ -417,23 +304,16 @@ def ppo(cfg: PPOConfig) -> dict:
             print0(f"ppo step {step}/{cfg.steps}  reward {row['reward']:+.3f}  kl {row['kl']:.3f}  "
                    f"entropy {row['entropy']:.3f}  clipfrac {row['clipfrac']:.3f}  vf_loss {row['vf_loss']:.3f}  "
                    f"len {row['response_length']:.1f}{acc}  {row['seconds']:.1f}s  {row['sample']!r}")
-        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-            last = save_checkpoint()
+        if run.due(cfg.ckpt_every, step, cfg.steps):
+            save_checkpoint()
 
-    if last is None or last.name != checkpoint.step_dir_name(step):
+    if run.needs_final_checkpoint(step):
         save_checkpoint()
     final = evaluate_tasks(model.policy, fmt,
                            task_lib.heldout_examples(cfg.final_eval_per_task, cfg.tasks, cfg.world_seed))
-    rows = [r for r in log.rows() if "reward" in r]
-    first = first or next((r for r in log.rows() if r.get("split") == "heldout"), {})
-    tail = rows[-max(1, len(rows) // 4):]  # the last quarter of the run, less noisy than the last step
-    summary = {"run": str(out), "steps": step, "heldout_acc_start": first.get("heldout_acc"),
-               "heldout_acc": final["accuracy"], **{f"acc_{t}": a for t, a in final["per_task"].items()},
-               "reward_first": rows[0]["reward"] if rows else None,
-               "reward_last_quarter": sum(r["reward"] for r in tail) / len(tail) if tail else None,
-               "kl_last_quarter": sum(r["kl"] for r in tail) / len(tail) if tail else None,
-               "kl_coef": kl_ctl.value, "seconds": time.perf_counter() - t_start}
-    plot_ppo(log.rows(), out / "ppo.png", title=f"{out.name}: PPO")
+    summary = {**rl_summary(out, step, log.rows(), first, final), "kl_coef": kl_ctl.value,
+               "seconds": time.perf_counter() - t_start}
+    plot_rl(log.rows(), out / "ppo.png", title=f"{out.name}: PPO")
     metrics.write_card(
         out, title=f"{out.name}: PPO (RLHF)",
         what=(f"PPO from {cfg.policy} against "
@@ -447,36 +327,6 @@ def ppo(cfg: PPOConfig) -> dict:
     print0(f"ppo done: held-out accuracy {summary['heldout_acc']:.3f}, reward {summary['reward_first']:+.3f} -> "
            f"{summary['reward_last_quarter']:+.3f}, KL {summary['kl_last_quarter']:.3f}, {out}")
     return summary
-
-
-def plot_ppo(rows: list[dict], path: Path, *, title: str) -> None:
-    """Reward, KL and held-out accuracy against the step: the three curves that say whether RL helped."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from glassmind.common import atomic_write_bytes
-
-    rows = [r for r in rows if "reward" in r]
-    if not rows:
-        return
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=100)
-    for ax, key, label in zip(axes, ("reward", "kl", "heldout_acc"),
-                              ("mean RM score", "KL(policy || reference) per reply", "held-out accuracy")):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts), lw=1.2)
-        ax.set_xlabel("step")
-        ax.set_title(label, fontsize=10)
-        ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=11)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,30 +16,31 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-from glassmind.common import GlassmindError, print0, run_main
+from glassmind.common import GlassmindError, config_field, print0, run_main
 from glassmind.data import tasks as task_lib
-from glassmind.train import checkpoint, metrics, rl
+from glassmind.train import losses as rl
+from glassmind.train import metrics
+from glassmind.train.chat_runs import accuracy_row, evaluate_tasks, load_chat_run, require_dir, save_outputs
 from glassmind.train.optim import adamw
-from glassmind.train.ppo import (PolicyWithValue, frozen, minibatch_order, read_prompts, rollout, sample_seed,
-                                 score_batch, step_prompts, verifier_accuracy)
+from glassmind.train.reward_model import load_reward_model
+from glassmind.train.rollouts import (PolicyWithValue, frozen, minibatch_order, plot_rl, read_prompts,
+                                      rl_summary, rollout, sample_seed, score_batch, step_prompts,
+                                      verifier_accuracy)
+from glassmind.train.run import Run, RunSettings, parse_config, set_lr, setup_torch
 from glassmind.train.schedule import lr_at
-from glassmind.train.sft import (accuracy_row, config_field, evaluate_tasks, load_chat_run, parse_config,
-                                 prepare_out, require_dir, resume_state, save_outputs, set_lr, setup_torch)
 
 SETTINGS = "grpo.json"
 VERIFIER = "verifier"
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(RunSettings):
     policy: str = config_field("", "the SFT run: the starting policy and the frozen reference")
     reward: str = config_field("", "a reward-model run, or 'verifier' for 1/0 from the built-in tasks' verifier")
     out: str = config_field("runs/grpo", "run directory to write")
@@ -64,10 +65,6 @@ class GRPOConfig:
     eval_per_task: int = config_field(10, "held-out prompts per task in each evaluation")
     final_eval_per_task: int = config_field(50, "held-out prompts per task in the final evaluation")
     ckpt_every: int = config_field(10, "checkpoint every N steps (and at the end)")
-    keep_last: int = config_field(2, "checkpoints to keep")
-    resume: bool = config_field(False, "continue the run in --out from its newest complete checkpoint")
-    threads: Optional[int] = config_field(None, "CPU threads for torch")
-    progress: bool = config_field(True, "print a line per step")
 
 
 def check(cfg: GRPOConfig) -> None:
@@ -86,7 +83,10 @@ def check(cfg: GRPOConfig) -> None:
         raise GlassmindError("--temperature must be > 0: GRPO compares sampled replies")
 
 
-def grpo_step(cfg: GRPOConfig, step: int, model: PolicyWithValue, ref, rm, fmt, optimizer, user_prompts) -> dict:
+def grpo_step(cfg: GRPOConfig, step: int, pm, ref, rm, fmt, optimizer, user_prompts, run: Run) -> dict:
+    """Rollouts (G per prompt), rewards, group advantages and `epochs` passes of clipped updates, each
+    minibatch stepped through `run.optimizer_step`. `pm` holds the PolicyWithValue (parallel.single_process)."""
+    model: PolicyWithValue = pm.module
     n = cfg.prompts_per_step
     messages, examples = step_prompts(cfg, step, n, user_prompts)
     # each prompt repeated G times in a row; the engine seeds row i with seed + i, so the G replies differ
@@ -107,7 +107,6 @@ def grpo_step(cfg: GRPOConfig, step: int, model: PolicyWithValue, ref, rm, fmt, 
     adv_tok = adv[:, None].expand_as(old_logp) * r.actions                            # (B, T-1)
 
     stats: dict[str, list[float]] = {"pg_loss": [], "clipfrac": [], "approx_kl": [], "kl": []}
-    params = [p for p in model.parameters() if p.requires_grad]
     for order in orders:
         for idx in order:
             _, logp, _ = rl.forward_logprobs(model.policy, r.ids[idx], r.attn[idx], temperature=cfg.temperature)
@@ -116,9 +115,7 @@ def grpo_step(cfg: GRPOConfig, step: int, model: PolicyWithValue, ref, rm, fmt, 
             kl = rl.masked_mean(rl.kl_estimate(logp, ref_logp[idx], "k3"), mask)
             loss = pg_loss + cfg.kl_coef * kl if cfg.kl_coef > 0 else pg_loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            run.optimizer_step(pm, optimizer, float(loss.detach()), step=step, grad_clip=cfg.grad_clip)
             stats["pg_loss"].append(float(pg_loss.detach()))
             stats["kl"].append(float(kl.detach()))
             stats["clipfrac"].append(pg_stats["clipfrac"])
@@ -137,7 +134,7 @@ def grpo_step(cfg: GRPOConfig, step: int, model: PolicyWithValue, ref, rm, fmt, 
 
 
 def grpo(cfg: GRPOConfig) -> dict:
-    from glassmind.train.reward import load_reward_model
+    from glassmind.parallel import single_process
 
     t_start = time.perf_counter()
     check(cfg)
@@ -145,7 +142,8 @@ def grpo(cfg: GRPOConfig) -> dict:
     if cfg.reward != VERIFIER:
         require_dir(cfg.reward, "--reward")
     setup_torch(cfg.threads)
-    out = prepare_out(cfg, SETTINGS)
+    run = Run(cfg, SETTINGS)
+    out = run.start()
 
     policy, tok, fmt = load_chat_run(cfg.policy, "--policy")
     rl.check_pad_eos(fmt.pad_id, fmt.end_id)
@@ -156,14 +154,14 @@ def grpo(cfg: GRPOConfig) -> dict:
     user_prompts = read_prompts(cfg.prompts) if cfg.prompts else None
     heldout = task_lib.heldout_examples(cfg.eval_per_task, cfg.tasks, cfg.world_seed)
 
+    pm = single_process(model)
     optimizer = adamw(model, lr=cfg.lr, weight_decay=0.0)
-    log = metrics.MetricsLog(out)
-    step, _, last = resume_state(cfg, out, model=model, optimizer=optimizer)
+    log = run.log
+    step, _ = run.resume(pm, optimizer)
 
-    def save_checkpoint() -> Path:
-        path = checkpoint.save(out / "train_state", step, model=model, optimizer=optimizer, keep_last=cfg.keep_last)
+    def save_checkpoint() -> None:
+        run.checkpoint(pm, step, optimizer=optimizer)
         save_outputs(out, policy, tok)
-        return path
 
     first = None
     if step == 0:
@@ -173,7 +171,7 @@ def grpo(cfg: GRPOConfig) -> dict:
         t0 = time.perf_counter()
         lr = lr_at(step, max_lr=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, decay="constant")
         set_lr(optimizer, lr)
-        row = grpo_step(cfg, step, model, ref, rm, fmt, optimizer, user_prompts)
+        row = grpo_step(cfg, step, pm, ref, rm, fmt, optimizer, user_prompts, run)
         step += 1
         row = {"step": step, "tokens": step * cfg.prompts_per_step * cfg.group, "lr": lr, **row}
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
@@ -185,24 +183,14 @@ def grpo(cfg: GRPOConfig) -> dict:
             print0(f"grpo step {step}/{cfg.steps}  reward {row['reward']:+.3f}  kl {row['kl']:.3f}  "
                    f"entropy {row['entropy']:.3f}  len {row['response_length']:.1f}{acc}  {row['seconds']:.1f}s  "
                    f"{row['sample']!r}")
-        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-            last = save_checkpoint()
+        if run.due(cfg.ckpt_every, step, cfg.steps):
+            save_checkpoint()
 
-    if last is None or last.name != checkpoint.step_dir_name(step):
+    if run.needs_final_checkpoint(step):
         save_checkpoint()
     final = evaluate_tasks(policy, fmt, task_lib.heldout_examples(cfg.final_eval_per_task, cfg.tasks, cfg.world_seed))
-    rows = [r for r in log.rows() if "reward" in r]
-    first = first or next((r for r in log.rows() if r.get("split") == "heldout"), {})
-    tail = rows[-max(1, len(rows) // 4):]
-    summary = {"run": str(out), "steps": step, "heldout_acc_start": first.get("heldout_acc"),
-               "heldout_acc": final["accuracy"], **{f"acc_{t}": a for t, a in final["per_task"].items()},
-               "reward_first": rows[0]["reward"] if rows else None,
-               "reward_last_quarter": sum(r["reward"] for r in tail) / len(tail) if tail else None,
-               "kl_last_quarter": sum(r["kl"] for r in tail) / len(tail) if tail else None,
-               "seconds": time.perf_counter() - t_start}
-    from glassmind.train.ppo import plot_ppo
-
-    plot_ppo(log.rows(), out / "grpo.png", title=f"{out.name}: GRPO")
+    summary = {**rl_summary(out, step, log.rows(), first, final), "seconds": time.perf_counter() - t_start}
+    plot_rl(log.rows(), out / "grpo.png", title=f"{out.name}: GRPO")
     metrics.write_card(
         out, title=f"{out.name}: GRPO",
         what=(f"GRPO from {cfg.policy}: {step} steps of {cfg.prompts_per_step} prompts x {cfg.group} replies, "

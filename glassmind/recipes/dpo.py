@@ -11,7 +11,7 @@ every strict pair it implies; ties give no pair (DPO has no notion of "equally g
                   every pair; AdamW, warmup + cosine, clip; held-out accuracy from the verifier; exact resume
 
 Under torchrun, `--parallel` lays the policy out as sft does (data parallel, ZeRO-1/2/3, tensor parallel; see
-glassmind/train/sft.py): each replica takes its own pairs of the step (the loss is a mean over pairs, so the
+glassmind/recipes/sft.py): each replica takes its own pairs of the step (the loss is a mean over pairs, so the
 replicas' averaged gradient is the global one). The frozen reference stays a whole plain copy on every rank
 (forward only: 4 bytes per parameter, no gradients or optimizer state), even under fsdp or tp, where it can
 then outweigh the policy's shard; sharding it too is left for when a model needs it.
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,20 +28,21 @@ from typing import Optional
 
 import torch
 
-from glassmind.common import GlassmindError, print0, run_main
+from glassmind.common import GlassmindError, config_field, print0, run_main
 from glassmind.data import tasks as task_lib
-from glassmind.train import checkpoint, metrics, rl
+from glassmind.data.loader import step_indices
+from glassmind.train import losses as rl
+from glassmind.train import metrics
+from glassmind.train.chat_runs import accuracy_row, evaluate_tasks, load_chat_run, require_dir, save_outputs
 from glassmind.train.optim import adamw
+from glassmind.train.run import ParallelRunSettings, Run, parse_config, set_lr, setup_torch
 from glassmind.train.schedule import lr_at
-from glassmind.train.sft import (PARALLEL_HELP, accuracy_row, config_field, evaluate_tasks, load_chat_run,
-                                 parallel_layout, parse_config, prepare_out, replica_rows, require_dir,
-                                 resume_state, save_run_files, save_state, set_lr, setup_torch, step_indices)
 
 SETTINGS = "dpo.json"
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(ParallelRunSettings):
     policy: str = config_field("", "the SFT run: the starting policy and the frozen reference")
     out: str = config_field("runs/dpo", "run directory to write")
     data: Optional[str] = config_field(None, "preference JSONL (as for glassmind reward; default: the built-in "
@@ -63,11 +63,6 @@ class DPOConfig:
     eval_per_task: int = config_field(10, "held-out prompts per task in each evaluation")
     final_eval_per_task: int = config_field(50, "held-out prompts per task in the final evaluation")
     ckpt_every: int = config_field(50, "checkpoint every N steps (and at the end)")
-    keep_last: int = config_field(2, "checkpoints to keep")
-    resume: bool = config_field(False, "continue the run in --out from its newest complete checkpoint")
-    threads: Optional[int] = config_field(None, "CPU threads for torch")
-    progress: bool = config_field(True, "print progress lines")
-    parallel: str = config_field("", PARALLEL_HELP)
 
 
 def preference_pairs(prefs: list[task_lib.Preference]) -> list[tuple[list[dict], str, str]]:
@@ -109,7 +104,7 @@ def policy_logprobs(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tenso
 def dpo(cfg: DPOConfig) -> dict:
     from glassmind.parallel import apply_parallel
     from glassmind.parallel.mesh import init_distributed
-    from glassmind.parallel.runtime import on_rank0, rank0_copy, whole_model
+    from glassmind.parallel.runtime import on_rank0, parallel_layout, rank0_copy, replica_rows, whole_model
 
     t_start = time.perf_counter()
     require_dir(cfg.policy, "--policy")
@@ -121,7 +116,8 @@ def dpo(cfg: DPOConfig) -> dict:
     spec = parallel_layout(cfg.parallel, "dpo", parent=Path(cfg.policy), batch_size=cfg.batch_size, unit="pairs")
     setup_torch(cfg.threads)
     mesh = init_distributed(spec, "cpu")  # None for one process
-    out = prepare_out(cfg, SETTINGS)
+    run = Run(cfg, SETTINGS)
+    out = run.start()
 
     policy, tok, fmt = load_chat_run(cfg.policy, "--policy")
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -138,13 +134,13 @@ def dpo(cfg: DPOConfig) -> dict:
     copy0 = rank0_copy(policy)  # rank 0's one-process model for evaluation and the run's files
     pm = apply_parallel(policy, spec, mesh)  # one process: the model as it is
     optimizer = pm.wrap_optimizer(adamw(pm.module, lr=cfg.lr, weight_decay=0.0))
-    log = metrics.MetricsLog(out)
-    step, _, last = resume_state(cfg, out, model=pm, optimizer=optimizer)
+    log = run.log
+    step, _ = run.resume(pm, optimizer)
 
-    def save_checkpoint() -> Path:
-        path = save_state(pm, out / "train_state", step, optimizer=optimizer, keep_last=cfg.keep_last)
-        save_run_files(out, whole_model(pm, copy0), tok)
-        return path
+    def save_checkpoint() -> None:
+        run.checkpoint(pm, step, optimizer=optimizer)
+        whole = whole_model(pm, copy0)
+        on_rank0(lambda: save_outputs(out, whole, tok))
 
     def heldout_accuracy(examples) -> dict:
         """evaluate_tasks on rank 0's whole model (the policy itself for one process), on every rank."""
@@ -174,13 +170,8 @@ def dpo(cfg: DPOConfig) -> dict:
                 ref_seq = rl.sequence_logprob(rl.forward_logprobs(ref, ids, attn)[1], mask)
             loss, margin = rl.dpo_loss(seq[:n], seq[n:], ref_seq[:n], ref_seq[n:], cfg.beta)
             loss.backward()
-        grad_norm = pm.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         loss_value = pm.global_loss(loss.detach())
-        if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
-            raise GlassmindError(f"step {step + 1}: loss or gradient norm is not finite; stopped before the update "
-                                 f"(last checkpoint: {last}). Lower --lr and --resume")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = run.optimizer_step(pm, optimizer, loss_value, step=step, grad_clip=cfg.grad_clip).grad_norm
         step += 1
         with torch.no_grad():
             chosen_r = cfg.beta * (seq[:n] - ref_seq[:n])
@@ -190,17 +181,17 @@ def dpo(cfg: DPOConfig) -> dict:
                                                rejected_r.mean()]).double()) / pm.dp_size
         row = {"step": step, "tokens": step * cfg.batch_size, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                **dict(zip(("margin", "pair_acc", "reward_chosen", "reward_rejected"), (float(v) for v in means)))}
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+        if run.due(cfg.eval_every, step, cfg.steps):
             row.update(accuracy_row(heldout_accuracy(heldout)))
         log.log(row)
         if cfg.progress and (step % 20 == 0 or step == cfg.steps or "heldout_acc" in row):
             acc = f"  held-out acc {row['heldout_acc']:.3f}" if "heldout_acc" in row else ""
             print0(f"dpo step {step}/{cfg.steps}  loss {row['loss']:.4f}  margin {row['margin']:+.3f}  "
                    f"pair acc {row['pair_acc']:.2f}{acc}  {(time.perf_counter() - t0) * 1000:.0f} ms/step")
-        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-            last = save_checkpoint()
+        if run.due(cfg.ckpt_every, step, cfg.steps):
+            save_checkpoint()
 
-    if last is None or last.name != checkpoint.step_dir_name(step):
+    if run.needs_final_checkpoint(step):
         save_checkpoint()
     final = heldout_accuracy(task_lib.heldout_examples(cfg.final_eval_per_task, cfg.tasks, cfg.world_seed))
     first = first or next((r for r in log.rows() if r.get("split") == "heldout"), {})

@@ -21,6 +21,7 @@ PICKLE_FILES = ("pytorch_model.bin", "model.pt", "model.bin")
 
 
 def save_model(model, run_dir: str | os.PathLike) -> Path:
+    """`config.json` + `model.safetensors` of `model` (a Transformer, or anything with .config and a state_dict)."""
     from safetensors.torch import save_file
 
     from glassmind import __version__
@@ -96,15 +97,6 @@ def load_model(run_dir: str | os.PathLike, *, allow_pickle: bool = False, device
             parts.append("shape mismatch " + "; ".join(wrong[:5]))
         raise GlassmindError(f"{where} does not match {Path(run_dir) / CONFIG_FILE}: " + ", ".join(parts))
     model.load_state_dict(state, assign=True)
-    _rebuild_buffers(model)
+    model.rebuild_buffers()
     return model.to(device).eval()  # like from_pretrained: training verbs call .train() themselves
 
-
-def _rebuild_buffers(model) -> None:
-    """Non-persistent buffers (the sinusoid table) are not in the file: recompute them off the meta device."""
-    from glassmind.model.transformer import Stack, sinusoidal_table
-
-    for m in model.modules():
-        if isinstance(m, Stack) and hasattr(m, "sinusoid"):
-            c = m.cfg
-            m.sinusoid = sinusoidal_table(c.context_length, c.d_model, c.sinusoidal_layout)

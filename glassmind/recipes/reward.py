@@ -10,11 +10,12 @@
                      K(K-1)/2 comparisons) and does not overfit the way shuffled single pairs do
     4. the loop      AdamW, warmup + cosine, clip, held-out pairwise accuracy, checkpoint, exact resume
 
-The run directory holds the trunk as a plain model (config.json, model.safetensors: `glassmind.model.load`
-reads it) and the head in reward_head.safetensors; `load_reward_model` puts them together.
+The run directory holds the trunk as a plain model (config.json, model.safetensors: `glassmind.model.load_model`
+reads it) and the head in reward_head.safetensors; `glassmind.train.reward_model.load_reward_model` puts them
+together (the model, its files and how it scores rankings are nouns in glassmind/train/reward_model.py).
 
 Under torchrun, `--parallel` lays the reward model (trunk and head) out as sft does (data parallel, ZeRO-1/2/3,
-tensor parallel; see glassmind/train/sft.py): each replica scores its own rankings of the step and divides
+tensor parallel; see glassmind/recipes/sft.py): each replica scores its own rankings of the step and divides
 its Bradley-Terry sum by the global batch's pair weight. Plain DDP needs every trunk parameter to take part in
 the score, so a parent with an untied output head (unused here) takes zero=2|3 or tp instead.
 """
@@ -22,113 +23,33 @@ the score, so a parent with an untied output head (unused here) takes zero=2|3 o
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
-from torch import nn
 
-from glassmind.common import GlassmindError, atomic_path, print0, run_main
+from glassmind.common import GlassmindError, config_field, print0, run_main
 from glassmind.data import tasks as task_lib
-from glassmind.model.heads import ScalarHead
-from glassmind.tokenizer.chat import ChatFormat
-from glassmind.train import checkpoint, metrics, rl
+from glassmind.data.loader import step_indices
+from glassmind.train import losses as rl
+from glassmind.train import metrics
+from glassmind.train.chat_runs import load_chat_run, require_dir
 from glassmind.train.optim import adamw
+from glassmind.train.reward_model import (SCORES, RewardModel, pair_weight, pairwise_accuracy, ranking_loss,
+                                          render_preference, score_rankings)
+from glassmind.train.run import ParallelRunSettings, Run, parse_config, set_lr, setup_torch
 from glassmind.train.schedule import lr_at
-from glassmind.train.sft import (PARALLEL_HELP, config_field, load_chat_run, parallel_layout, parse_config,
-                                 prepare_out, replica_rows, require_dir, resume_state, save_state, set_lr,
-                                 setup_torch, step_indices)
 
-HEAD_FILE = "reward_head.safetensors"
 SETTINGS = "reward.json"
 
 # ======================================================================================================
-# 1. The model
-# ======================================================================================================
-
-
-SCORES = ("head", "head+loglik")
-
-
-class RewardModel(nn.Module):
-    """The transformer trunk and a scalar head: (ids (B, T), attention (B, T)) -> scores (B,), read at each
-    row's last real token whatever side the padding is on.
-
-    With `reply_start_id` (score "head+loglik") the score also adds the trunk's own log-likelihood of the reply:
-    the sum, over the tokens after the last `reply_start_id` (the assistant role token), of log p(token | prefix)
-    from the trunk's LM head. A head on the last token must learn from rankings alone whether the letters of a
-    reply are right, and a model as small as the demo's does not (it puts a correct reply above a wrong one
-    0.74-0.76 of the time on the policy's held-out samples). The likelihood is what the SFT model already
-    knows about right answers: untrained, it ranks those samples 0.80 (0.88 for a larger SFT model), and the
-    head adds what the rankings say beyond it (format, length)."""
-
-    def __init__(self, trunk: nn.Module, *, reply_start_id: int | None = None):
-        super().__init__()
-        self.trunk = trunk
-        self.head = ScalarHead(trunk.config.d_model)
-        self.reply_start_id = reply_start_id
-
-    @property
-    def config(self):
-        return self.trunk.config
-
-    @property
-    def score_kind(self) -> str:
-        return "head" if self.reply_start_id is None else "head+loglik"
-
-    def forward(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        hidden = self.trunk.features(ids, attention_mask=attn)                          # (B, T, C)
-        score = rl.at_last_token(self.head(hidden), attn)                               # (B,)
-        if self.reply_start_id is None:
-            return score
-        logits = self.trunk.lm_logits(hidden[:, :-1]).float()                           # predicts tokens 1..T-1
-        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)   # (B, T-1)
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        start = torch.where(ids == self.reply_start_id, pos, torch.full_like(pos, -1)).max(-1).values  # (B,)
-        reply = (pos[1:][None, :] > start[:, None]) & (start[:, None] >= 0) & attn[:, 1:].bool()
-        return score + (logp * reply).sum(-1)
-
-    def save(self, run_dir: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        self.trunk.save(run_dir)
-        meta = {"score": self.score_kind}
-        if self.reply_start_id is not None:
-            meta["reply_start_id"] = str(self.reply_start_id)
-        with atomic_path(Path(run_dir) / HEAD_FILE) as tmp:
-            save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, str(tmp),
-                      metadata=meta)
-
-
-def load_reward_model(run_dir: str | Path) -> RewardModel:
-    from safetensors.torch import load_file
-
-    from glassmind.model import load
-
-    run_dir = require_dir(str(run_dir), "--reward")
-    if not (run_dir / HEAD_FILE).exists():
-        raise GlassmindError(f"{run_dir} has no {HEAD_FILE}: it is not a reward model; train one with "
-                             "`glassmind reward --from SFT_RUN`")
-    from safetensors import safe_open
-
-    with safe_open(str(run_dir / HEAD_FILE), "pt") as f:
-        meta = f.metadata() or {}
-    start = meta.get("reply_start_id")  # absent: a head-only reward model (also every run made before)
-    rm = RewardModel(load(run_dir), reply_start_id=int(start) if start is not None else None)
-    rm.head.load_state_dict(load_file(str(run_dir / HEAD_FILE)))
-    return rm.eval()
-
-
-# ======================================================================================================
-# 2. Configuration and data
+# 1. Configuration and data
 # ======================================================================================================
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(ParallelRunSettings):
     parent: str = config_field("", "the SFT run the reward model starts from; flag --from")
     out: str = config_field("runs/reward", "run directory to write")
     data: Optional[str] = config_field(None, "preference JSONL: {prompt, chosen, rejected} or {prompt, responses, "
@@ -147,15 +68,9 @@ class RewardConfig:
     grad_clip: float = config_field(1.0, "clip the global gradient norm (0: off)")
     seed: int = config_field(0, "seed for the data order and the head's init")
     eval_every: int = config_field(100, "evaluate every N steps (and at the end)")
-    ckpt_every: int = config_field(100, "checkpoint every N steps (and at the end)")
-    keep_last: int = config_field(2, "checkpoints to keep")
-    resume: bool = config_field(False, "continue the run in --out from its newest complete checkpoint")
     score: str = config_field("head", "head: the scalar head on the last token; head+loglik: plus the trunk's "
                                       "log-likelihood of the reply tokens (see RewardModel)", choices=SCORES)
     freeze_trunk: bool = config_field(False, "train the head only; the trunk stays the SFT model it starts from")
-    threads: Optional[int] = config_field(None, "CPU threads for torch")
-    progress: bool = config_field(True, "print progress lines")
-    parallel: str = config_field("", PARALLEL_HELP)
 
 
 def preferences(cfg: RewardConfig) -> tuple[list[task_lib.Preference], list[task_lib.Preference]]:
@@ -173,68 +88,15 @@ def preferences(cfg: RewardConfig) -> tuple[list[task_lib.Preference], list[task
             task_lib.builtin_preferences("heldout", cfg.eval_prefs, cfg.seed, cfg.tasks, cfg.world_seed))
 
 
-def render_preference(fmt: ChatFormat, p: task_lib.Preference, context: int) -> list[list[int]]:
-    """The K sequences prompt + reply + <|end|>, each cut to the context (keeping its end: the score is read
-    at the last token, so the reply's end must be there)."""
-    prompt = fmt.render_prompt(p.prompt)
-    return [(prompt + fmt.render_reply(r))[-context:] for r in p.responses]
-
-
-def score_rankings(rm: RewardModel, fmt: ChatFormat, prefs: Sequence[task_lib.Preference], *,
-                   context: int | None = None, length: int | None = None) -> list[torch.Tensor]:
-    """Scores (K,) of every ranking's replies, one forward pass over all of them (right-padded to `length`,
-    default the longest). `context` is the model's (give it when `rm` is a wrapper without .config)."""
-    seqs = [render_preference(fmt, p, context or rm.config.context_length) for p in prefs]
-    ids, attn = rl.pad_rows([s for group in seqs for s in group], fmt.pad_id, length=length)
-    scores = rm(ids, attn)
-    return list(scores.split([len(g) for g in seqs]))
-
-
-def ranking_loss(scores: Sequence[torch.Tensor], prefs: Sequence[task_lib.Preference], *,
-                 weight: float | None = None) -> torch.Tensor:
-    """Sum over the batch's rankings of their Bradley-Terry losses, divided by the total pair weight: the mean
-    loss per comparison (a 5-way ranking counts as its 10 comparisons). `weight` replaces that total (a
-    data-parallel replica passes the global batch's weight / replicas)."""
-    total = sum(rl.bradley_terry_loss(s, p.ranks) for s, p in zip(scores, prefs))
-    return total / (max(pair_weight(prefs), 1.0) if weight is None else weight)
-
-
-def pair_weight(prefs: Sequence[task_lib.Preference]) -> float:
-    return sum(w for p in prefs for _, _, w in rl.ranking_pairs(p.ranks))
-
-
-@torch.no_grad()
-def pairwise_accuracy(rm: RewardModel, fmt: ChatFormat, prefs: Sequence[task_lib.Preference],
-                      batch_size: int = 32) -> dict:
-    """Fraction of strict held-out pairs the model orders right; on built-in data also the accuracy on the
-    pair that needs the answer checked: the correct reply against a near miss (same format, wrong value)."""
-    right = n = 0.0
-    hard_right = hard_n = 0.0
-    for start in range(0, len(prefs), batch_size):
-        chunk = prefs[start:start + batch_size]
-        for s, p in zip(score_rankings(rm, fmt, chunk), chunk):
-            r, k = rl.pairwise_accuracy(s, p.ranks)
-            right, n = right + r, n + k
-            for i, j, w in rl.ranking_pairs(p.ranks):
-                if w == 1.0 and p.ranks[i] == 0 and p.ranks[j] == 1:
-                    d = float(s[i] - s[j])
-                    hard_right += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
-                    hard_n += 1
-    out = {"pairwise_acc": right / n if n else float("nan"), "pairs": int(n)}
-    if hard_n and all(p.example is not None for p in prefs):
-        out["acc_correct_vs_near_miss"] = hard_right / hard_n
-    return out
-
-
 # ======================================================================================================
-# 3. The loop
+# 2. The loop
 # ======================================================================================================
 
 
 def train_reward(cfg: RewardConfig) -> dict:
     from glassmind.parallel import apply_parallel
     from glassmind.parallel.mesh import init_distributed
-    from glassmind.parallel.runtime import on_rank0, rank0_copy, whole_model
+    from glassmind.parallel.runtime import on_rank0, parallel_layout, rank0_copy, replica_rows, whole_model
 
     t_start = time.perf_counter()
     parent = require_dir(cfg.parent, "--from")
@@ -256,7 +118,8 @@ def train_reward(cfg: RewardConfig) -> dict:
                                  "zero=3 or tp")
     setup_torch(cfg.threads)
     mesh = init_distributed(spec, "cpu")  # None for one process
-    out = prepare_out(cfg, SETTINGS)
+    run = Run(cfg, SETTINGS)
+    out = run.start()
 
     trunk, tok, fmt = load_chat_run(parent, "--from")
     torch.manual_seed(cfg.seed)  # the head's init
@@ -272,14 +135,13 @@ def train_reward(cfg: RewardConfig) -> dict:
     copy0 = rank0_copy(rm)  # rank 0's one-process model for evaluation and the run's files
     pm = apply_parallel(rm, spec, mesh)  # one process: the model as it is
     optimizer = pm.wrap_optimizer(adamw(pm.module, lr=cfg.lr, weight_decay=cfg.weight_decay))
-    log = metrics.MetricsLog(out)
-    step, _, last = resume_state(cfg, out, model=pm, optimizer=optimizer)
+    log = run.log
+    step, _ = run.resume(pm, optimizer)
 
-    def save_checkpoint() -> Path:
-        path = save_state(pm, out / "train_state", step, optimizer=optimizer, keep_last=cfg.keep_last)
+    def save_checkpoint() -> None:
+        run.checkpoint(pm, step, optimizer=optimizer)
         whole = whole_model(pm, copy0)
         on_rank0(lambda: (whole.save(out), tok.save(out)))
-        return path
 
     def run_eval() -> dict:
         whole = whole_model(pm, copy0)  # one process: the model; under a layout: rank 0's gathered copy
@@ -315,12 +177,7 @@ def train_reward(cfg: RewardConfig) -> dict:
             loss = ranking_loss(scores, mine, weight=weight)
             loss.backward()
         loss = pm.global_loss(loss.detach())
-        grad_norm = pm.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        if not math.isfinite(loss) or not math.isfinite(grad_norm):
-            raise GlassmindError(f"step {step + 1}: loss or gradient norm is not finite; stopped before the update "
-                                 f"(last checkpoint: {last}). Lower --lr and --resume")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = run.optimizer_step(pm, optimizer, loss, step=step, grad_clip=cfg.grad_clip).grad_norm
         step += 1
         with torch.no_grad():
             right = sum(rl.pairwise_accuracy(s, p.ranks)[0] for s, p in zip(scores, mine))
@@ -331,13 +188,13 @@ def train_reward(cfg: RewardConfig) -> dict:
         if cfg.progress and (step % 20 == 0 or step == cfg.steps):
             print0(f"reward step {step}/{cfg.steps}  loss {loss:.4f}  batch pair acc {right / max(n, 1):.3f}  "
                    f"{(time.perf_counter() - t0) * 1000:.0f} ms/step")
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and val:
+        if run.due(cfg.eval_every, step, cfg.steps) and val:
             print0(f"  eval: held-out pairwise accuracy {run_eval()['pairwise_acc']:.3f}")
-        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-            last = save_checkpoint()
+        if run.due(cfg.ckpt_every, step, cfg.steps):
+            save_checkpoint()
 
     final = run_eval() if val else {}
-    if last is None or last.name != checkpoint.step_dir_name(step):
+    if run.needs_final_checkpoint(step):
         save_checkpoint()
     first = first or next((r for r in log.rows() if r.get("split") == "heldout"), final)
     metrics.plot_loss(log.rows(), out / "loss.png", title=f"{out.name}: reward model (Bradley-Terry)")
@@ -347,7 +204,7 @@ def train_reward(cfg: RewardConfig) -> dict:
                "heldout_pairs": final.get("pairs"), "seconds": time.perf_counter() - t_start}
     metrics.write_card(
         out, title=f"{out.name}: reward model",
-        what=(f"Reward model = the SFT transformer + a scalar head on the last token"
+        what=("Reward model = the SFT transformer + a scalar head on the last token"
               + (" + the trunk's log-likelihood of the reply" if cfg.score == "head+loglik" else "")
               + (" (trunk frozen)" if cfg.freeze_trunk else "") + f", initialised from {parent}, "
               f"trained {step} steps with the Bradley-Terry loss over every pair of {cfg.batch_size} rankings per "

@@ -26,14 +26,11 @@ one-process format, so a run resumes under any layout.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
-import sysconfig
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,13 +39,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from glassmind.common import (GlassmindError, add_config_args, atomic_write_json, config_from_args, is_rank0,
-                              pick_device, print0, rank, run_dir, run_main, seed_everything, world_size)
+from glassmind.common import (GlassmindError, config_field, is_rank0, pick_device, print0, rank, run_main,
+                              seed_everything, world_size)
 from glassmind.data import objectives
 from glassmind.data.loader import WindowLoader
 from glassmind.data.shards import Shards, build_shards, separator_id
-from glassmind.train import checkpoint, metrics
+from glassmind.train import metrics
+from glassmind.train import run as run_lib
 from glassmind.train.optim import adamw
+from glassmind.train.run import ParallelRunSettings, Run, parse_config, setup_torch
 from glassmind.train.schedule import lr_at
 
 ARCHS = ("decoder", "encoder", "encoder-decoder")
@@ -60,12 +59,8 @@ CONFIG_FILE = "pretrain.json"
 # ======================================================================================================
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass
-class PretrainConfig:
+class PretrainConfig(ParallelRunSettings):
     """Every dial of a pre-training run. Sizes come from `depth` unless overridden:
 
         d_model = 64 * depth     n_heads = d_model / 64 (head dim 64)     n_layers = depth (per stack)
@@ -76,81 +71,76 @@ class PretrainConfig:
     a similar slow dependence on size); d=256 -> 1.0e-3, d=128 -> 1.5e-3.
     """
 
-    out: str = _f("runs/pretrain", "run directory to write (config, weights, tokenizer, train_state, metrics)")
-    arch: str = _f("decoder", "decoder (causal LM), encoder (masked LM), encoder-decoder (span corruption)",
+    out: str = config_field("runs/pretrain", "run directory to write (config, weights, tokenizer, train_state, metrics)")
+    arch: str = config_field("decoder", "decoder (causal LM), encoder (masked LM), encoder-decoder (span corruption)",
                    choices=ARCHS)
     # data
-    data: list[str] | None = _f(None, "corpus sources: files, dirs, globs, x.jsonl[:field], hf:NAME (default: "
+    data: list[str] | None = config_field(None, "corpus sources: files, dirs, globs, x.jsonl[:field], hf:NAME (default: "
                                       "the built-in corpus)")
-    max_bytes: int | None = _f(None, "read at most this many bytes of the corpus")
-    val_fraction: float = _f(0.01, "fraction of documents held out for validation (by a hash of their id)")
-    shards_dir: str | None = _f(None, "where token shards are cached (default $GLASSMIND_CACHE/shards or "
+    max_bytes: int | None = config_field(None, "read at most this many bytes of the corpus")
+    val_fraction: float = config_field(0.01, "fraction of documents held out for validation (by a hash of their id)")
+    shards_dir: str | None = config_field(None, "where token shards are cached (default $GLASSMIND_CACHE/shards or "
                                       "~/.cache/glassmind/shards)")
-    tokenizer: str | None = _f(None, "an existing tokenizer (run dir or tokenizer.json); else one is trained")
-    vocab_size: int | None = _f(None, "vocabulary of the tokenizer to train (default 4096); must match --tokenizer")
-    tokenizer_bytes: int = _f(4_000_000, "bytes of training text the tokenizer is trained on")
-    init_from: str | None = _f(None, "a parent run whose weights (and tokenizer) start this one")
+    tokenizer: str | None = config_field(None, "an existing tokenizer (run dir or tokenizer.json); else one is trained")
+    vocab_size: int | None = config_field(None, "vocabulary of the tokenizer to train (default 4096); must match --tokenizer")
+    tokenizer_bytes: int = config_field(4_000_000, "bytes of training text the tokenizer is trained on")
+    init_from: str | None = config_field(None, "a parent run whose weights (and tokenizer) start this one")
     # model: the depth dial and its overrides
-    depth: int = _f(4, "size dial: d_model = 64*depth, heads = d_model/64, layers = depth, lr from d_model")
-    d_model: int | None = _f(None, "override the width derived from --depth")
-    n_heads: int | None = _f(None, "override the heads derived from --depth")
-    n_layers: int | None = _f(None, "override the layers derived from --depth (per stack)")
-    d_ff: int | None = _f(None, "override the FFN width (default 4 * d_model)")
-    positional: str = _f("learned", "positional encoding", choices=("learned", "sinusoidal", "rope", "none"))
-    dropout: float = _f(0.0, "dropout probability")
-    context: int = _f(256, "tokens per sequence (encoder input length for encoder-decoder)")
-    parallel: str = _f("", "layout over the torchrun processes: dp=N, zero=1|2|3, fsdp=N, tp=N, pp=N, "
+    depth: int = config_field(4, "size dial: d_model = 64*depth, heads = d_model/64, layers = depth, lr from d_model")
+    d_model: int | None = config_field(None, "override the width derived from --depth")
+    n_heads: int | None = config_field(None, "override the heads derived from --depth")
+    n_layers: int | None = config_field(None, "override the layers derived from --depth (per stack)")
+    d_ff: int | None = config_field(None, "override the FFN width (default 4 * d_model)")
+    positional: str = config_field("learned", "positional encoding", choices=("learned", "sinusoidal", "rope", "none"))
+    dropout: float = config_field(0.0, "dropout probability")
+    context: int = config_field(256, "tokens per sequence (encoder input length for encoder-decoder)")
+    parallel: str = config_field("", "layout over the torchrun processes: dp=N, zero=1|2|3, fsdp=N, tp=N, pp=N, "
                            "schedule=gpipe|1f1b, microbatches=M, e.g. dp=2,tp=2 (empty: data parallel over all; "
                            "`glassmind plan` compares layouts)")
     # optimisation
-    steps: int = _f(1000, "optimizer steps")
-    batch_tokens: int = _f(16384, "tokens per optimizer step over all ranks; divisible by "
+    steps: int = config_field(1000, "optimizer steps")
+    batch_tokens: int = config_field(16384, "tokens per optimizer step over all ranks; divisible by "
                                   "micro_batch * context * world size (the rest is gradient accumulation)")
-    micro_batch: int = _f(8, "sequences per forward/backward on one rank")
-    lr: float | None = _f(None, "peak learning rate (default: from d_model, see the depth rule)")
-    warmup_steps: int | None = _f(None, "linear warmup steps (default 5%% of --steps)")
-    decay: str = _f("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
-    min_lr_ratio: float = _f(0.1, "final lr as a fraction of the peak")
-    weight_decay: float = _f(0.1, "AdamW weight decay (matrices only)")
-    decay_embeddings: bool = _f(False, "apply weight decay to embedding tables too")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.95, "AdamW beta2")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: no clipping)")
+    micro_batch: int = config_field(8, "sequences per forward/backward on one rank")
+    lr: float | None = config_field(None, "peak learning rate (default: from d_model, see the depth rule)")
+    warmup_steps: int | None = config_field(None, "linear warmup steps (default 5%% of --steps)")
+    decay: str = config_field("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
+    min_lr_ratio: float = config_field(0.1, "final lr as a fraction of the peak")
+    weight_decay: float = config_field(0.1, "AdamW weight decay (matrices only)")
+    decay_embeddings: bool = config_field(False, "apply weight decay to embedding tables too")
+    beta1: float = config_field(0.9, "AdamW beta1")
+    beta2: float = config_field(0.95, "AdamW beta2")
+    grad_clip: float = config_field(1.0, "clip the global gradient norm to this (0: no clipping)")
     # objectives
-    mask_prob: float = _f(0.15, "masked LM: fraction of tokens chosen")
-    whole_word: bool = _f(False, "masked LM: mask whole words (WordPiece ## pieces with their word)")
-    noise_density: float = _f(0.15, "span corruption: fraction of tokens dropped")
-    mean_span: float = _f(3.0, "span corruption: mean span length")
+    mask_prob: float = config_field(0.15, "masked LM: fraction of tokens chosen")
+    whole_word: bool = config_field(False, "masked LM: mask whole words (WordPiece ## pieces with their word)")
+    noise_density: float = config_field(0.15, "span corruption: fraction of tokens dropped")
+    mean_span: float = config_field(3.0, "span corruption: mean span length")
     # precision and device
-    device: str = _f("auto", "auto, cpu, cuda, cuda:1, mps")
-    dtype: str = _f("fp32", "compute dtype: fp32, bf16 (autocast, CPU or GPU), fp16 (autocast + grad scaler; "
+    device: str = config_field("auto", "auto, cpu, cuda, cuda:1, mps")
+    dtype: str = config_field("fp32", "compute dtype: fp32, bf16 (autocast, CPU or GPU), fp16 (autocast + grad scaler; "
                             "for GPUs, slow on a CPU)", choices=("fp32", "bf16", "fp16"))
-    compile: bool = _f(False, "torch.compile the model")
-    fused_loss: str = _f("auto", "compute the output projection and cross-entropy in row chunks without the full "
+    compile: bool = config_field(False, "torch.compile the model")
+    fused_loss: str = config_field("auto", "compute the output projection and cross-entropy in row chunks without the full "
                                  "fp32 logits (decoder, encoder-decoder; masked LM: the head on chosen positions "
                                  "only): auto = under bf16 autocast, on = also in fp32 (other rounding than the "
                                  "golden fp32 path) and fp16 (computed in fp32), off = never; models wrapped by "
                                  "DDP/FSDP/compile use the logits path", choices=("auto", "on", "off"))
-    seed: int = _f(1337, "seed for init, data order and masks")
-    deterministic: bool = _f(True, "torch.use_deterministic_algorithms (exact resume)")
-    threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)")
+    seed: int = config_field(1337, "seed for init, data order and masks")
+    deterministic: bool = config_field(True, "torch.use_deterministic_algorithms (exact resume)")
     # evaluation, logging, checkpoints
-    eval_every: int = _f(100, "evaluate on validation every N steps (0: only at the start and the end)")
-    eval_batches: int = _f(8, "validation micro-batches per evaluation (over all ranks)")
-    log_every: int = _f(1, "write a metrics.jsonl row every N steps")
-    ckpt_every: int = _f(200, "checkpoint every N steps (and always at the end)")
-    keep_last: int = _f(3, "checkpoints to keep")
-    resume: bool = _f(False, "continue the run in --out from its newest complete checkpoint")
-    skip_nonfinite: bool = _f(False, "skip a step whose loss or gradient norm is NaN/inf instead of stopping")
-    peak_flops: float | None = _f(None, "peak FLOP/s for MFU (default: measure the matmul rate at start)")
-    progress: bool = _f(True, "show progress bars")
+    eval_every: int = config_field(100, "evaluate on validation every N steps (0: only at the start and the end)")
+    eval_batches: int = config_field(8, "validation micro-batches per evaluation (over all ranks)")
+    log_every: int = config_field(1, "write a metrics.jsonl row every N steps")
+    ckpt_every: int = config_field(200, "checkpoint every N steps (and always at the end)")
+    keep_last: int = config_field(3, "checkpoints to keep")
+    peak_flops: float | None = config_field(None, "peak FLOP/s for MFU (default: measure the matmul rate at start)")
 
 
-# fields a resumed run may change: they do not alter what is computed
-RESUME_MAY_CHANGE = {"resume", "device", "compile", "threads", "eval_every", "eval_batches", "log_every",
-                     "ckpt_every", "keep_last", "skip_nonfinite", "peak_flops", "progress", "shards_dir",
-                     "steps", "parallel",  # checkpoints are layout-free
-                     "fused_loss"}  # the same loss, other rounding (as with compile)
+# fields a resumed run may change besides the shared ones (train.run.RESUME_MAY_CHANGE): they do not alter what
+# is computed, or (compile, fused_loss) only its rounding, which the resume then says
+RESUME_MAY_CHANGE = run_lib.RESUME_MAY_CHANGE | {"device", "compile", "eval_every", "eval_batches", "log_every",
+                                                 "peak_flops", "shards_dir", "steps", "fused_loss"}
 
 
 def default_lr(d_model: int) -> float:
@@ -217,30 +207,8 @@ def setup_device(cfg: PretrainConfig) -> tuple[torch.device, torch.dtype]:
         # CPU autocast and GradScaler("cpu") do support fp16, so the scaler path runs (and is tested) here;
         # but few CPUs multiply fp16 natively, so it is slow: bf16 is the CPU's half precision
         print0("note: --dtype fp16 on a CPU is slow (no native fp16 matmuls on most CPUs): prefer --dtype bf16")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    # warn_only: a few CUDA kernels have no deterministic version; on CPU every op used here has one.
-    if cfg.compile:
-        torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)  # also sets inductor's flag
-    else:  # the same switch without importing torch._inductor just to set its flag (seconds of startup)
-        torch._C._set_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    setup_torch(cfg.threads, deterministic=cfg.deterministic, compile=cfg.compile)
     return device, dtype
-
-
-def prepare_run_dir(cfg: PretrainConfig) -> Path:
-    """A fresh run, or the same run resumed: never silently overwrite another run's files. Checks only;
-    nothing is written until `start_run_dir`."""
-    return checkpoint.check_run_dir(cfg, CONFIG_FILE, RESUME_MAY_CHANGE)
-
-
-def start_run_dir(cfg: PretrainConfig, out: Path, tok) -> None:
-    """Written once every check has passed, so a refused config leaves no half-made run behind."""
-    if is_rank0():
-        run_dir(out)
-        atomic_write_json(out / CONFIG_FILE, dataclasses.asdict(cfg))
-        tok.save(out)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 # ======================================================================================================
@@ -498,7 +466,7 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
     `wrap_model` is the single place the model gets wrapped from outside (DDP, FSDP, test instruments): the
     loop runs forward/backward through the wrapper and saves, clips and optimizes the unwrapped module.
     """
-    from glassmind.parallel import apply_parallel, checkpoint as pckpt
+    from glassmind.parallel import apply_parallel
     from glassmind.parallel.mesh import mesh_coordinate
     from glassmind.parallel.runtime import join
 
@@ -508,7 +476,8 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
     spec, mesh = join(cfg.parallel, pick_device(cfg.device).type, mp=cfg.dtype)  # None: one process
     dp_rank, dp_size = mesh_coordinate(mesh, "dp")
     device, dtype = setup_device(cfg)
-    out = prepare_run_dir(cfg)
+    run = Run(cfg, CONFIG_FILE, RESUME_MAY_CHANGE)  # checks only: nothing is written before every check passed
+    out = run.out
 
     # -- 3. tokenizer --------------------------------------------------------------------------------------
     tok = get_tokenizer(cfg, out)
@@ -519,7 +488,9 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
     shards = build_shards(tok, cfg.data, root=cfg.shards_dir, val_fraction=cfg.val_fraction,
                           max_bytes=cfg.max_bytes, progress=cfg.progress and is_rank0())
     train_loader, val_loader = make_loaders(cfg, shards, rank=dp_rank, world=dp_size)
-    start_run_dir(cfg, out, tok)  # every check passed: only now does the run directory get written
+    run.start()  # every check passed: only now does the run directory get written
+    if is_rank0():
+        tok.save(out)
     bytes_per_token = shards.bytes_per_token("val")
     accum = cfg.batch_tokens // (cfg.micro_batch * cfg.context * dp_size)
     print0(f"data: {shards.tokens('train'):,} train / {shards.tokens('val'):,} val tokens ({shards.path}); "
@@ -527,7 +498,7 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
            f"x {accum} accumulation step(s); layout {spec}")
 
     # -- 5. model ------------------------------------------------------------------------------------------
-    from glassmind.model import Transformer, load as load_model
+    from glassmind.model import Transformer, load_model
 
     seed_everything(cfg.seed)  # here, after the tokenizer: init is the same whether or not one was trained
     raw_model = load_model(cfg.init_from) if cfg.init_from else Transformer(mcfg)
@@ -554,27 +525,15 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
     peak = cfg.peak_flops or metrics.measure_matmul_flops(dtype, device, seconds=0.3)
 
     # -- 7. resume -----------------------------------------------------------------------------------------
-    log = metrics.MetricsLog(out)
-    ckpt_root = out / "train_state"
-    step = 0
-    latest = checkpoint.latest(ckpt_root) if cfg.resume else None
-    if latest is not None:
-        restored = pckpt.load_checkpoint(pm, latest, optimizer=optimizer, scaler=scaler)
-        step = restored["step"]
+    log = run.log
+    step, restored = run.resume(pm, optimizer, scaler=scaler)  # rows logged after that checkpoint are dropped
+    if step:
         train_loader.load_state_dict(restored["loader"])
-        print0(f"resumed from {latest} (step {step})")
-    elif cfg.resume:
-        print0(f"no complete checkpoint in {ckpt_root}: starting {out} from step 0")
-    if cfg.resume:
-        log.truncate_after(step)  # rows a killed run wrote after its last checkpoint are recomputed below
-    last_ckpt: Path | None = latest
 
-    def save_checkpoint() -> Path | None:
+    def save_checkpoint() -> None:
         # every rank gathers its pieces; rank 0 writes, in the one-process format
-        path = pckpt.save_checkpoint(pm, ckpt_root, step, optimizer=optimizer, scaler=scaler,
-                                     loader_state=train_loader.state_dict(), keep_last=cfg.keep_last)
-        pckpt.save_model(pm, out)  # the run directory always holds the latest weights, ready to load
-        return path
+        run.checkpoint(pm, step, optimizer=optimizer, scaler=scaler, loader_state=train_loader.state_dict())
+        pm.save_model(out)  # the run directory always holds the latest weights, ready to load
 
     def run_eval() -> dict:
         loss = evaluate(model, val_loader, n_batches=cfg.eval_batches, cfg=cfg, tok_ids=tok_ids, device=device,
@@ -621,31 +580,14 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
             loss_sum += loss.detach()
         mean_loss = torch.tensor(pm.global_loss(loss_sum / accum))
 
-        # the NaN/inf guard: before the optimizer touches the weights
-        scaler.unscale_(optimizer)
-        grad_norm = pm.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        loss_value, norm_value = float(mean_loss), float(grad_norm)
-        # under fp16 an inf gradient is the loss scaler's business (it skips the step and lowers the scale)
-        bad = not math.isfinite(loss_value) or (not math.isfinite(norm_value) and not scaler.is_enabled())
-        if bad and not cfg.skip_nonfinite:
-            log.log({"step": step + 1, "event": "nonfinite", "loss": loss_value, "grad_norm": norm_value})
+        # unscale, clip, the NaN/inf guard (before the optimizer touches the weights), step
+        loss_value = float(mean_loss)
+        try:
+            outcome = run.optimizer_step(pm, optimizer, loss_value, step=step, grad_clip=cfg.grad_clip, scaler=scaler)
+        except GlassmindError:
             bar.close()
-            raise GlassmindError(
-                f"step {step + 1}: loss {loss_value} / gradient norm {norm_value} is not finite. Stopped before "
-                f"the update; the weights are untouched and the last good checkpoint is "
-                f"{last_ckpt or 'none (no checkpoint yet)'}. Lower --lr, lengthen --warmup-steps, use --dtype "
-                f"fp32, or pass --skip-nonfinite; then --resume")
-        if bad:
-            optimizer.zero_grad(set_to_none=True)
-            print0(f"step {step + 1}: non-finite loss/gradient, update skipped (--skip-nonfinite)")
-        else:
-            scaler.step(optimizer)
-            optimizer.zero_grad(set_to_none=True)
-        scale = scaler.get_scale() if scaler.is_enabled() else None
-        scaler.update()
-        if scale is not None and scaler.get_scale() < scale:  # fp16: the scaler found inf gradients, skipped
-            bad = True
-            print0(f"step {step + 1}: inf/NaN gradients at loss scale {scale:g}: update skipped, scale lowered")
+            raise
+        norm_value, bad, scale = outcome.grad_norm, outcome.skipped, outcome.loss_scale
         step += 1
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -665,10 +607,10 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
 
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+        if run.due(cfg.eval_every, step, cfg.steps):
             run_eval()
-        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-            last_ckpt = save_checkpoint()
+        if run.due(cfg.ckpt_every, step, cfg.steps):
+            save_checkpoint()
     bar.close()
 
     # -- 9. the end ----------------------------------------------------------------------------------------
@@ -676,7 +618,7 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
     final_val = next((r for r in reversed(rows) if r.get("split") == "val" and r["step"] == step), None)
     if final_val is None:
         final_val = run_eval()
-    if last_ckpt is None or last_ckpt.name != checkpoint.step_dir_name(step):
+    if run.needs_final_checkpoint(step):
         save_checkpoint()
     if first_val is None:
         first_val = next((r for r in rows if r.get("split") == "val"), final_val)
@@ -708,133 +650,22 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
 
 
 # ======================================================================================================
-# sampling and the demo stage
-# ======================================================================================================
-
-
-@torch.no_grad()
-def greedy_sample(model: nn.Module, tok, prompt: str = "", *, max_new_tokens: int = 60) -> str:
-    """Greedy continuation of `prompt` from a decoder: the plain loop (no KV cache), cropped to the context.
-    An empty prompt starts a new document after `<|endoftext|>`."""
-    model.eval()
-    sep = separator_id(tok)
-    ids = [sep] + tok.encode(prompt)
-    device = next(model.parameters()).device
-    context = model.config.context_length
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        x = torch.tensor([(ids + new)[-context:]], device=device)
-        nxt = int(model(x)[0, -1].argmax())
-        if nxt == sep:
-            break
-        new.append(nxt)
-    return prompt + tok.decode(new)
-
-
-DEMO_BUDGETS = {
-    # name: (decoder settings, encoder and encoder-decoder settings). "small" is the demo's: ~2.5M tokens for
-    # the decoder (2-3 minutes at the ~18k tokens/s an idle 2-core CPU gives this size under bf16 autocast;
-    # far slower on a loaded machine), ~300k for each of the others. Small batches and a high lr: more
-    # updates from few tokens.
-    "small": (dict(depth=2, context=128, micro_batch=16, batch_tokens=2048, steps=1200, eval_every=200, lr=4e-3,
-                   val_fraction=0.02, dtype="bf16"),
-              dict(depth=2, context=64, micro_batch=16, batch_tokens=1024, steps=300, eval_every=100, lr=4e-3,
-                   val_fraction=0.05, dtype="bf16")),
-    "tiny": (dict(depth=1, context=32, micro_batch=4, batch_tokens=256, steps=6, eval_every=3,
-                  max_bytes=300_000, val_fraction=0.25, eval_batches=2, threads=1, progress=False),
-             dict(depth=1, context=32, micro_batch=4, batch_tokens=256, steps=4, eval_every=2,
-                  max_bytes=300_000, val_fraction=0.25, eval_batches=2, threads=1, progress=False)),
-}
-
-
-def demo_stage(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, budget: str = "small") -> dict:
-    """The demo's pre-training stage: a small decoder (causal LM), a tiny encoder (masked LM) and a tiny
-    encoder-decoder (span corruption) with the demo's BPE tokenizer (the encoder uses it RoBERTa-style, with an
-    added <|mask|>). Data: the standard library's top-level modules, the part of the built-in corpus that is
-    ordinary code (its packages open with codec tables and test data, poor teachers for a few minutes of
-    training). Returns, per family, the validation loss before and after, and a greedy sample from the
-    decoder (a model this small repeats itself under greedy decoding; the loss drop is the point)."""
-    from glassmind.model import load as load_model
-    from glassmind import tokenizer as tok_lib
-
-    if budget not in DEMO_BUDGETS:
-        raise GlassmindError(f"budget {budget!r}: use one of {', '.join(DEMO_BUDGETS)}")
-    dec_kw, small_kw = DEMO_BUDGETS[budget]
-    out_dir = Path(out_dir)
-    results: dict[str, Any] = {}
-    for arch, name, kw in (("decoder", "pretrain-decoder", dec_kw), ("encoder", "pretrain-encoder", small_kw),
-                           ("encoder-decoder", "pretrain-encoder-decoder", small_kw)):
-        run = out_dir / name
-        data = [os.path.join(sysconfig.get_paths()["stdlib"], "*.py")]
-        if arch == "decoder":  # the base model of the alignment stage: it must have read the fictional
-            # world that the built-in tasks ask about (~10% of its data), or those questions are guesses
-            from glassmind.data.tasks import write_world_corpus
-
-            data.append(str(write_world_corpus(out_dir / "world.txt", repeats=80)))
-        kw = {"data": data, **kw}
-        cfg = PretrainConfig(out=str(run), arch=arch, tokenizer=str(tokenizer_dir), ckpt_every=0, keep_last=1,
-                             resume=(run / CONFIG_FILE).exists(), **kw)
-        summary = pretrain(cfg)
-        results[arch] = {"run": str(run), "val_loss_before": summary["val_loss_start"],
-                         "val_loss_after": summary["val_loss"], "parameters": summary["parameters"],
-                         "tokens": summary["tokens"], "seconds": summary["seconds"]}
-    dec_run = out_dir / "pretrain-decoder"
-    results["decoder"]["sample"] = greedy_sample(load_model(dec_run), tok_lib.load(dec_run), "def __init__(self")
-    return results
-
-
-# ======================================================================================================
 # command line
 # ======================================================================================================
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="glassmind pretrain",
-        description="Pre-train a decoder (causal LM), encoder (masked LM) or encoder-decoder (span corruption).",
-        epilog="Resume a killed or finished run with: glassmind pretrain --out RUN --resume [--steps N]")
-    add_config_args(parser, PretrainConfig)
-    _fix_optional_flags(parser)
-    return parser
-
-
-def _fix_optional_flags(parser: argparse.ArgumentParser) -> None:
-    """Give `X | None` fields the flag type of X. (common._flag_type misses PEP 604 unions, whose origin
-    is types.UnionType; reported. Once it handles them this changes nothing.)"""
-    import types
-    import typing
-
-    hints = typing.get_type_hints(PretrainConfig)
-    for action in parser._actions:
-        tp = hints.get(action.dest)
-        if typing.get_origin(tp) is not types.UnionType:
-            continue
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        if typing.get_origin(inner) is list:
-            action.nargs, action.type = "*", typing.get_args(inner)[0]
-        else:
-            action.type = inner
-
-
-def _main(argv: list[str] | None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    if ns.resume:
-        saved_path = Path(ns.out) / CONFIG_FILE
-        if saved_path.exists():  # the run's own settings are the defaults; flags given still win
-            saved = json.loads(saved_path.read_text(encoding="utf-8"))
-            saved.pop("parallel", None)  # the layout comes from this launch (checkpoints are layout-free)
-            parser.set_defaults(**saved)
-            ns = parser.parse_args(argv)
-    from glassmind.parallel.runtime import leave_at_exit
-
-    with leave_at_exit():  # a barrier, then leave torchrun's group (no-op for one process)
-        pretrain(config_from_args(PretrainConfig, ns))
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
-    return run_main(_main, argv)
+    def body(argv):
+        from glassmind.parallel.runtime import leave_at_exit
+
+        cfg = parse_config(PretrainConfig, argv, prog="glassmind pretrain", settings_file=CONFIG_FILE,
+                           description="Pre-train a decoder (causal LM), encoder (masked LM) or encoder-decoder "
+                                       "(span corruption).")
+        with leave_at_exit():  # a barrier, then leave torchrun's group (no-op for one process)
+            pretrain(cfg)
+        return 0
+
+    return run_main(body, argv)
 
 
 if __name__ == "__main__":

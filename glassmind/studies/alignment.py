@@ -1,13 +1,13 @@
 """The demo's alignment stage: SFT, a reward model, PPO and DPO on the built-in tasks, from a pre-trained base
 run, and the table that says whether each step helped.
 
-    demo_stage(base_run, out_root)    sft -> reward data (built-in + the SFT model's own ranked samples) -> reward
+    alignment_stage(base, out_root)   sft -> reward data (built-in + the SFT model's own ranked samples) -> reward
                                       -> ppo, dpo; prints and returns the table
     ppo_study(sft_run, rm_run, out)   PPO with 3 seeds (is the change over SFT larger than the seeds' spread?)
                                       and with the KL coefficient at 0, at the demo's settings and pushed
                                       harder (what does the policy do unleashed?)
 
-    python -m glassmind.train.align_demo --base runs/demo/pretrain-decoder --out runs/demo/align [--study]
+    python -m glassmind.studies.alignment --base runs/demo/pretrain-decoder --out runs/demo/align [--study]
 
 Every accuracy here is exact match from the tasks' verifier on held-out prompts, never the reward model's
 opinion. The base model has no chat format, so it is measured with 3-shot plain-text prompting
@@ -64,14 +64,14 @@ DEMO = BUDGETS["small"]
 
 
 def _run(stage: str, cfg) -> dict:
-    from glassmind.train import dpo, ppo, reward, sft
+    from glassmind.recipes import dpo, ppo, reward, sft
 
     fn = {"sft": sft.sft, "reward": reward.train_reward, "ppo": ppo.ppo, "dpo": dpo.dpo}[stage]
     return fn(cfg)
 
 
 def _config(stage: str, budget: str, **kw: Any):
-    from glassmind.train import dpo, ppo, reward, sft
+    from glassmind.recipes import dpo, ppo, reward, sft
 
     cls = {"sft": sft.SFTConfig, "reward": reward.RewardConfig, "ppo": ppo.PPOConfig, "dpo": dpo.DPOConfig}[stage]
     return cls(**{**BUDGETS[budget][stage], **kw})
@@ -97,7 +97,7 @@ def heldout(per_task: int = DEMO["final_per_task"]) -> list[task_lib.Example]:
 
 
 def chat_accuracy(run: str | Path, examples) -> dict:
-    from glassmind.train.sft import evaluate_tasks, load_chat_run
+    from glassmind.train.chat_runs import evaluate_tasks, load_chat_run
 
     model, _, fmt = load_chat_run(run)
     return evaluate_tasks(model, fmt, examples)
@@ -107,10 +107,10 @@ def base_accuracy(run: str | Path, examples, shots: int = 3) -> dict:
     """3-shot plain-text prompting of a base model: training examples of the same task as demonstrations,
     the reply is the generated text up to the first newline."""
     from glassmind import tokenizer as tok_lib
-    from glassmind.model import load
-    from glassmind.train.sft import generate, score_replies
+    from glassmind.model import load_model
+    from glassmind.train.chat_runs import generate, score_replies
 
-    model, tok = load(run), tok_lib.load(run)
+    model, tok = load_model(run), tok_lib.load(run)
     eos = tok.special_tokens.get("<|endoftext|>")
     rng = random.Random(0)
     prompts = []
@@ -128,7 +128,7 @@ def sample_replies(model, fmt, examples, k: int, *, temperature: float, max_new_
                    seed: int) -> tuple[list[list[str]], list[list[bool]]]:
     """`k` sampled replies per example (the policy as PPO's rollouts see it) and whether each closed with
     <|end|> (False: cut by the token limit)."""
-    from glassmind.train.sft import generate
+    from glassmind.train.chat_runs import generate
 
     prompts = [fmt.render_prompt(e.messages()[:1]) for e in examples for _ in range(k)]
     raw = generate(model, prompts, fmt.end_id, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
@@ -141,7 +141,7 @@ def onpolicy_preferences(sft_run: str | Path, examples, k: int, *, temperature: 
                          seed: int) -> list[task_lib.Preference]:
     """Rankings of the SFT policy's own samples (`k` per prompt, ranked by tasks.SAMPLE_RANK_RULE); prompts
     whose samples all tie are dropped."""
-    from glassmind.train.sft import load_chat_run
+    from glassmind.train.chat_runs import load_chat_run
 
     model, _, fmt = load_chat_run(sft_run)
     texts, ended = sample_replies(model, fmt, examples, k, temperature=temperature, max_new_tokens=max_new_tokens,
@@ -177,9 +177,9 @@ def reward_numbers(rm_run: str | Path, sft_run: str | Path, examples, *, k: int 
                                   greedy, RL against this reward model has nothing to climb towards."""
     import torch
 
-    from glassmind.train import reward as reward_lib
-    from glassmind.train import rl
-    from glassmind.train.sft import load_chat_run
+    from glassmind.train import losses as rl
+    from glassmind.train import reward_model as reward_lib
+    from glassmind.train.chat_runs import load_chat_run
 
     rm = reward_lib.load_reward_model(rm_run)
     model, _, fmt = load_chat_run(sft_run)
@@ -229,7 +229,7 @@ def _table(columns: dict[str, dict]) -> str:
 # the stage
 
 
-def demo_stage(base_run: str | Path, out_root: str | Path, *, seed: int = 0, budget: str = "small",
+def alignment_stage(base_run: str | Path, out_root: str | Path, *, seed: int = 0, budget: str = "small",
                threads: int | None = None) -> dict:
     """SFT -> reward model -> PPO and DPO from `base_run` into `out_root/{sft,reward,ppo,dpo}`; prints the table
     of held-out exact-match accuracy per task (base 3-shot / SFT / PPO / DPO), the reward model's held-out
@@ -245,7 +245,7 @@ def demo_stage(base_run: str | Path, out_root: str | Path, *, seed: int = 0, bud
     runs = {s: out_root / s for s in ("sft", "reward", "ppo", "dpo")}
     stages: dict[str, dict] = {}
     if threads:
-        from glassmind.train.sft import setup_torch
+        from glassmind.train.run import setup_torch
 
         setup_torch(threads)  # the measurements in this process, as the stages do for theirs
     stages["sft"] = _stage("sft", runs["sft"], budget, parent=str(base_run), seed=seed, threads=threads)
@@ -417,7 +417,7 @@ def ppo_study(sft_run: str | Path, rm_run: str | Path, out_root: str | Path, *, 
 
 def main(argv: list[str] | None = None) -> int:
     def body(argv):
-        p = argparse.ArgumentParser(prog="python -m glassmind.train.align_demo", description=__doc__.split("\n")[0])
+        p = argparse.ArgumentParser(prog="python -m glassmind.studies.alignment", description=__doc__.split("\n")[0])
         p.add_argument("--base", required=True, help="a pre-trained decoder run (e.g. runs/demo/pretrain-decoder)")
         p.add_argument("--out", default="runs/demo/align", help="where the stages write their runs")
         p.add_argument("--study", action="store_true", help="also run PPO with 3 seeds and with KL coefficient 0")
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             ppo_study(out / "sft", rm, out / f"study-{rm.name}", kl0=False, push=None, verifier=False,
                       long_steps=None, per_task=per_task, budget=args.budget, threads=args.threads)
             return 0
-        demo_stage(args.base, args.out, budget=args.budget, threads=args.threads)
+        alignment_stage(args.base, args.out, budget=args.budget, threads=args.threads)
         if args.study:
             ppo_study(out / "sft", out / "reward", out / "study", per_task=per_task, budget=args.budget,
                       threads=args.threads)

@@ -61,13 +61,13 @@ def sampling_params(cfg: Any, eos: tuple[int, ...]) -> SamplingParams:
 def load_run(run: str | Path, *, device: str = "auto", dtype: str = "fp32"):
     """(model, tokenizer) of a run directory, the model on `device` in `dtype`, in eval mode."""
     from glassmind import tokenizer as tokenizers
-    from glassmind.model import load
+    from glassmind.model import load_model
 
     run = Path(run)
     if not run.is_dir():
         raise GlassmindError(f"run directory {run} does not exist")
     tok = tokenizers.load(run)
-    model = load(run, device=pick_device(device)).to(parse_dtype(dtype)).eval()
+    model = load_model(run, device=pick_device(device)).to(parse_dtype(dtype)).eval()
     if tok.vocab_size > model.config.vocab_size:
         raise GlassmindError(f"{run}: the tokenizer has {tok.vocab_size} tokens but the model only "
                              f"{model.config.vocab_size}; they are not from the same run")
@@ -163,39 +163,6 @@ def main(argv: list[str] | None = None) -> int:
 
 # ----------------------------------------------------------------------------------------------------
 # the demo's last stage
-
-DEMO_STRATEGIES = (
-    ("greedy", SamplingParams(strategy="greedy")),
-    ("beam (4)", SamplingParams(strategy="beam", num_beams=4)),
-    ("sample (T=0.8, top-p 0.95)", SamplingParams(strategy="sample", temperature=0.8, top_p=0.95, seed=0)),
-    ("sample (T=1, min-p 0.05, rep 1.2)", SamplingParams(strategy="sample", min_p=0.05,
-                                                         repetition_penalty=1.2, seed=0)),
-)
-
-
-def demo_stage(run_dir: str | Path, prompts: list[str], *, max_new_tokens: int = 48) -> str:
-    """Generate from a decoder run under each strategy (all prompts as one batch) and return a table of the
-    completions and their metrics, for `glassmind demo` to print."""
-    model, tok = load_run(run_dir, device="cpu")
-    engine = Engine(model)
-    eos = stop_ids(tok)
-    ids = [encode_prompt(tok, p) for p in prompts]
-    rows = []
-    for name, base in DEMO_STRATEGIES:
-        params = SamplingParams(**{**base.__dict__, "max_new_tokens": max_new_tokens, "eos_token_ids": eos,
-                                   "top_logprobs": 0})
-        for p, r in zip(prompts, engine.generate(ids, params)):
-            m = r.metrics
-            text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in p + tok.decode(r.content_ids))
-            text = text.replace("|", "/").replace("`", "'")  # keep the markdown table intact
-            rows.append((name, text[:60] + ("..." if len(text) > 60 else ""), m.new_tokens,
-                         1000 * m.ttft_s, 1000 * (m.itl_p50_s or 0.0), m.tokens_per_s,
-                         sum(r.logprobs) / max(1, len(r.logprobs))))
-    head = ("strategy", "text", "new", "TTFT ms", "ITL p50 ms", "tok/s", "mean logprob")
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for name, text, n, ttft, itl, tps, lp in rows:
-        lines.append(f"| {name} | `{text}` | {n} | {ttft:.1f} | {itl:.2f} | {tps:.0f} | {lp:.2f} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Checkpoints under any layout: gather to rank 0, written in the single-process format.
+"""Checkpoints under any layout (`ParallelModel.save_state` / `load_state` / `save_model` call these): gather to rank 0, written in the single-process format.
 
 Choice: gather-to-rank-0, not torch.distributed.checkpoint's sharded files. Every piece of the model and of
 the optimizer state (FSDP shards, TP slices, ZeRO-1 partitions, pipeline stages) is gathered into full
@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from glassmind.common import GlassmindError
-from glassmind.parallel.apply import ParallelModel
+
+if TYPE_CHECKING:  # annotations only: apply.py calls into this file
+    from glassmind.parallel.apply import ParallelModel
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -258,7 +261,7 @@ def save_checkpoint(pm: ParallelModel, root: str | os.PathLike, step: int, *, op
                     loader_state: dict | None = None, extra: dict | None = None, keep_last: int = 3) -> Path:
     """glassmind.train.checkpoint.save for a model under any layout. Every rank calls it; rank 0 writes;
     all return the checkpoint folder once it is complete."""
-    from glassmind.train import checkpoint as ckpt
+    from glassmind.train import checkpoint as ckpt  # below parallel in the house: imported on use
 
     model_state = full_model_state(pm)
     opt_state = full_optimizer_state(pm, optimizer)
@@ -297,9 +300,9 @@ class _ModelFiles:
 
 
 def save_model(pm: ParallelModel, run_dir: str | os.PathLike) -> Path:
-    """`config.json` + `model.safetensors` of the whole model, as `model.save(run_dir)` writes them, so
-    `glassmind.model.load(run_dir)` runs it in one process. Every rank calls it; rank 0 writes."""
-    from glassmind.model.checkpoint import save_model as save_files
+    """`config.json` + `model.safetensors` of the whole model, as `glassmind.model.save_model` writes them, so
+    `glassmind.model.load_model(run_dir)` runs it in one process. Every rank calls it; rank 0 writes."""
+    from glassmind.model.files import save_model as save_files
 
     state = full_model_state(pm)
     if dist_rank() == 0:

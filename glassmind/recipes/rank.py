@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from glassmind.common import GlassmindError, add_config_args, config_from_args, read_jsonl, run_main
+from glassmind.common import GlassmindError, add_config_args, config_field, config_from_args, read_jsonl, run_main
 from glassmind.data import tasks as task_lib
-from glassmind.train.sft import config_field, generate, load_chat_run, setup_torch
+from glassmind.train.chat_runs import generate, load_chat_run
+from glassmind.train.rollouts import read_prompts
+from glassmind.train.run import setup_torch
 
 
 @dataclass
@@ -91,8 +93,6 @@ def rank_session(run: str, cfg: RankConfig, *, read: Callable[[], Optional[str]]
     setup_torch(cfg.threads)
     model, tok, fmt = load_chat_run(run, "RUN")
     if cfg.prompts:
-        from glassmind.train.ppo import read_prompts
-
         prompts = read_prompts(cfg.prompts)
     else:
         prompts = [e.messages()[:1] for e in task_lib.train_examples(cfg.n, cfg.seed, cfg.tasks, cfg.world_seed, "rl")]

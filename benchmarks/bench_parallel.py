@@ -37,6 +37,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe  # noqa: E402  (benchmarks/machine.py: the CPU, capability, bf16)
+
+
 PRESETS = {  # model, global batch (sequences), sequence length
     "cpu": (dict(vocab_size=4096, context_length=128, d_model=256, n_heads=8, n_layers=4), 16, 128),
     "gpu": (dict(vocab_size=32768, context_length=1024, d_model=1024, n_heads=16, n_layers=12), 64, 1024),
@@ -215,6 +219,7 @@ def main() -> None:
     ap.add_argument("--layout", default="")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
+    print(describe(), flush=True)
     a.preset = a.preset or a.device
     if a.worker:
         worker(Path(a.worker), a)

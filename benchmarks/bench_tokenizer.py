@@ -21,6 +21,11 @@ import time
 from glassmind.tokenizer import load
 from glassmind.tokenizer.bpe import BPETokenizer
 from glassmind.tokenizer.pretokenize import PATTERNS
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe  # noqa: E402  (benchmarks/machine.py: the CPU, capability, bf16)
+
 
 
 def corpus(max_mb: float | None) -> list[str]:
@@ -89,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", default=None,
                     help="skip the training comparison and measure encoding with this saved BPE tokenizer")
     args = ap.parse_args(argv)
+    print(describe(), flush=True)
 
     import tiktoken  # noqa: F401  (fail early: both references are needed)
     import tokenizers

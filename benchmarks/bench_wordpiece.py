@@ -15,6 +15,11 @@ import argparse
 import statistics
 import time
 from pathlib import Path
+import sys
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe  # noqa: E402  (benchmarks/machine.py: the CPU, capability, bf16)
+
 
 
 def timed(fn) -> float:
@@ -29,6 +34,7 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--encode-mb", type=float, default=4.0)
     args = p.parse_args()
+    print(describe(), flush=True)
 
     import tokenizers
     from tokenizers import models, normalizers, pre_tokenizers, trainers

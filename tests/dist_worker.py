@@ -11,6 +11,7 @@ The single-process reference (`reference_run`) is the same code with no layout, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -63,17 +64,27 @@ def micro_slices(batch: torch.Tensor, dp_rank: int, dp_size: int):
 # the single-process reference
 
 
-def reference_run(steps: int = STEPS, *, model=None, optimizer=None, start: int = 0) -> tuple[list[float], Transformer]:
+def reference_run(steps: int = STEPS, *, model=None, optimizer=None, start: int = 0, mp: str = "fp32",
+                  record: dict | None = None) -> tuple[list[float], Transformer]:
+    """One process. mp="bf16": bf16 autocast, the reference of the bf16 layouts. `record` (a dict) receives
+    "grads" (every parameter's gradient after the first step's backward, before clipping) and "grad_norms"."""
     model = model if model is not None else make_model()
     opt = optimizer if optimizer is not None else adamw(model, lr=LR)
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if mp == "bf16" else contextlib.nullcontext
     losses = []
     for batch in batches(steps)[start:]:
         total = 0.0
         for x, y in micro_slices(batch, 0, 1):
-            loss = causal_lm_loss(model(x), y)
+            with ctx():
+                loss = causal_lm_loss(model(x), y)
             (loss / ACCUM).backward()
             total += float(loss.detach()) / ACCUM
-        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+        if record is not None and "grads" not in record:
+            record["grads"] = {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
+                               if p.grad is not None}
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+        if record is not None:
+            record.setdefault("grad_norms", []).append(float(norm))
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(total)
@@ -84,9 +95,32 @@ def reference_run(steps: int = STEPS, *, model=None, optimizer=None, start: int 
 # one layout
 
 
-def train_steps(pm, opt, data, scaler=None) -> list[float]:
+def full_grads(pm) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient as one process would hold it (single-process names, full shapes, fp32, CPU)
+    on global rank 0, {} elsewhere; every rank must call it. Sharded gradients (FSDP, TP: DTensors) are
+    gathered, data/tensor-parallel copy 0 is kept, pipeline stages are gathered to rank 0 (the tied
+    embedding: the first stage's copy, which after the tied-embedding sync holds both stages' sum)."""
+    from torch.distributed.tensor import DTensor
+
+    local = {}
+    for name, p in pm.module.named_parameters():
+        if p.grad is None:
+            continue
+        g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        if pckpt._holds_replica_zero(pm):
+            local[pm._canonical(name)] = g.detach().float().cpu().clone()
+    stages = pckpt._gather_stages(pm, local)
+    merged: dict[str, torch.Tensor] = {}
+    for part in stages or []:
+        for k, v in part.items():
+            merged.setdefault(k, v)
+    return merged
+
+
+def train_steps(pm, opt, data, scaler=None, record: dict | None = None) -> list[float]:
     """Steps of the parallel model; with a (fp16) scaler, the path a loop with its own loss takes: grad_sync
-    around forward and scaled backward, unscale before clipping."""
+    around forward and scaled backward, unscale before clipping. `record` as in reference_run (the gradients
+    are gathered after the data-parallel reduction and the fp16 unscale, i.e. what clipping sees)."""
     losses = []
     for batch in data:
         total = 0.0
@@ -100,7 +134,11 @@ def train_steps(pm, opt, data, scaler=None) -> list[float]:
             total += pm.global_loss(loss) / ACCUM
         if scaler is not None:
             scaler.unscale_(opt)
-        pm.clip_grad_norm_(MAX_NORM)
+        if record is not None and "grads" not in record:
+            record["grads"] = full_grads(pm)
+        norm = pm.clip_grad_norm_(MAX_NORM)
+        if record is not None:
+            record.setdefault("grad_norms", []).append(float(norm))
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
@@ -125,12 +163,16 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+FROZEN = "frozen:"  # a layout run with lr 0: the test shows its checks reject a model that never trains
+
+
 def folder_name(layout: str) -> str:
-    return layout.replace(",", "_").replace("=", "")
+    return layout.replace(",", "_").replace("=", "").replace(":", "_")
 
 
 def run_layout(text: str, out: Path) -> None:
-    spec = parse_spec(text, timeout=TIMEOUT_S)
+    lr = 0.0 if text.startswith(FROZEN) else LR
+    spec = parse_spec(text.removeprefix(FROZEN), timeout=TIMEOUT_S)
     mesh = build_mesh(spec)
     rank = dist.get_rank()
     folder = out / folder_name(text)
@@ -139,15 +181,24 @@ def run_layout(text: str, out: Path) -> None:
 
     fp16 = spec.mp == "fp16"
     pm = apply_parallel(make_model(), spec, mesh)
-    opt = pm.wrap_optimizer(adamw(pm.module, lr=LR))
+    opt = pm.wrap_optimizer(adamw(pm.module, lr=lr))
     scaler = pm.grad_scaler() if fp16 else None
-    losses = train_steps(pm, opt, data[:SAVE_AT], scaler)
+    record: dict = {}
+    losses = train_steps(pm, opt, data[:SAVE_AT], scaler, record)
     memory = {"params": local_numel(pm), "optimizer_bytes": optimizer_bytes(opt)}
     pckpt.save_checkpoint(pm, folder / "train_state", SAVE_AT, optimizer=opt, scaler=scaler)
-    losses += train_steps(pm, opt, data[SAVE_AT:], scaler)
+    losses += train_steps(pm, opt, data[SAVE_AT:], scaler, record)
     x, y = data[0][:, :-1].chunk(pm.dp_size)[pm.dp_rank], data[0][:, 1:].chunk(pm.dp_size)[pm.dp_rank]
     eval_loss = pm.global_loss(pm.eval_loss(x, y))
     pckpt.save_model(pm, folder / "model")
+    if lr == 0.0:  # the frozen run only feeds the checks' self-test: no resume
+        if rank == 0:
+            (folder / "result.json").write_text(json.dumps({"layout": str(spec), "losses": losses,
+                                                            "eval_loss": eval_loss,
+                                                            "grad_norms": record["grad_norms"]}))
+            torch.save(record["grads"], folder / "grads_first_step.pt")
+        dist.barrier()
+        return
 
     # resume: a differently initialised model takes the step-2 state and must repeat step 3 exactly
     pm2 = apply_parallel(make_model(seed=99), spec, mesh)
@@ -169,7 +220,8 @@ def run_layout(text: str, out: Path) -> None:
     (folder / f"memory_{rank}.json").write_text(json.dumps(memory))
     if rank == 0:
         result = {"layout": str(spec), "losses": losses, "resumed": resumed, "eval_loss": eval_loss,
-                  "resumed_from": info["step"], "from_single": from_single}
+                  "resumed_from": info["step"], "from_single": from_single, "grad_norms": record["grad_norms"]}
+        torch.save(record["grads"], folder / "grads_first_step.pt")
         (folder / "result.json").write_text(json.dumps(result))
     del pm, pm2, opt, opt2
     dist.barrier()

@@ -177,6 +177,22 @@ def test_reward_completes_and_resumes_after_kill(rm_run, sft_run, root):
     same_weights(rm_run, root / "rm-k", reward_model.HEAD_FILE)
 
 
+def test_reward_model_reaches_08_heldout_pairwise_accuracy(sft_run, root):
+    """The README's target for the reward model (0.8 held-out pairwise accuracy on the built-in rankings) at a
+    budget CI affords: 40 steps of 8 rankings from the tiny 4-step SFT model, 120 held-out rankings (1,080
+    strict pairs). Measured: 0.264 before training (and with lr 0), 0.925 after; a Bradley-Terry loss with
+    the sign flipped stays far below. Most of it is surface (format, rambling): the README's 0.771 on correct vs
+    near miss needs the pre-trained demo model, which CI does not build."""
+    out = root / "rm-08"
+    assert reward.main(["--from", str(sft_run), "--out", str(out), "--steps", "40", "--batch-size", "8",
+                        "--n-prefs", "320", "--eval-prefs", "120", "--eval-every", "40", "--ckpt-every", "40",
+                        "--lr", "3e-3", "--warmup-steps", "5", "--threads", "1", "--no-progress"]) == 0
+    accs = [r["pairwise_acc"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "pairwise_acc" in r]
+    assert accs[0] < 0.5  # step 0: the untrained head
+    assert accs[-1] >= 0.8, accs
+
+
 def test_reward_model_trains_on_user_rankings_with_ties(sft_run, root, tmp_path):
     data = tmp_path / "prefs.jsonl"
     lines = [{"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"},

@@ -344,6 +344,59 @@ def test_parity_tiktoken_hf_transformers(toks, saved, parity_docs, pattern):
     assert all(tok.decode(ids) == d for ids, d in zip(ours, parity_docs))
 
 
+def tiktoken_pattern_strings() -> dict[str, str]:
+    """The pre-tokenization pattern strings tiktoken itself ships for gpt2 (r50k_base) and cl100k_base, read
+    from the installed package's Python source (tiktoken_ext/openai_public.py) without calling the
+    constructors, which would download the rank files."""
+    import ast
+    import importlib.util
+
+    source = pathlib.Path(importlib.util.find_spec("tiktoken_ext.openai_public").origin).read_text()
+    tree = ast.parse(source)
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["r50k_pat_str"]:
+            found["gpt2"] = ast.literal_eval(node.value)
+        if isinstance(node, ast.FunctionDef) and node.name == "cl100k_base":
+            for d in ast.walk(node):
+                if isinstance(d, ast.Dict):
+                    for k, v in zip(d.keys, d.values):
+                        if isinstance(k, ast.Constant) and k.value == "pat_str":
+                            found["gpt4"] = ast.literal_eval(v)
+    assert found.keys() == {"gpt2", "gpt4"}, f"tiktoken's source changed: found only {sorted(found)}"
+    return found
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_chunks_equal_tiktokens_own_patterns(toks, parity_docs, pattern):
+    """Pins our pattern strings to tiktoken's own (gpt2 = r50k_base, gpt4 = cl100k_base), not to ours: the
+    other parity tests build tiktoken from our pattern, so they cannot see a pattern that drifted.
+
+    1. Chunks: ours (glassmind.tokenizer.pretokenize.split) == tiktoken's string run by `regex` (the engine
+       tiktoken's own Python path, Encoding._encode_only_native_bpe, splits with) on ~2.5 MB of stdlib
+       code, pydoc prose and the Unicode mix.
+    2. Tokens: our encoder == tiktoken's Rust engine (fancy-regex) given tiktoken's string and our ranks:
+       a chunk boundary that differs changes what BPE may merge."""
+    import tiktoken
+
+    from glassmind.tokenizer.pretokenize import split
+
+    theirs = tiktoken_pattern_strings()[pattern]
+    assert theirs != PATTERNS[pattern] or pattern == "gpt4"  # gpt2: tiktoken's r50k string is written otherwise
+    ref = regex.compile(theirs)
+    assert sum(len(d.encode("utf-8")) for d in parity_docs) > 2_000_000
+    for i, doc in enumerate(parity_docs):
+        ours = split(doc, PATTERNS[pattern])
+        if ours != ref.findall(doc):
+            diff = next(j for j, (a, b) in enumerate(zip(ours, ref.findall(doc))) if a != b)
+            pytest.fail(f"doc {i}: chunk {diff} is {ours[diff]!r} with ours, "
+                        f"{ref.findall(doc)[diff]!r} with tiktoken's {pattern} pattern")
+    tok = toks[pattern]
+    enc = tiktoken.Encoding(name=f"tiktoken-{pattern}-pattern", pat_str=theirs,
+                            mergeable_ranks=tok.to_tiktoken()._mergeable_ranks, special_tokens={})
+    assert [enc.encode_ordinary(d) for d in parity_docs] == tok.encode_batch(parity_docs)
+
+
 STABLE_CHARS = st.characters(exclude_categories=("Cs", "Cn", "Co"))  # assigned in this Python's Unicode
 
 
@@ -425,7 +478,8 @@ def test_save_load_roundtrip(toks, saved, parity_docs, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# pathological runs (the issue's bound: 1 MB in under 2 s, doubling at most ~2.5x)
+# pathological runs: linear, not quadratic (the issue's bound of 1 MB in under 2 s is a timing, and timings
+# never go into tests on a shared machine: benchmarks/bench_tokenizer.py measures it)
 
 
 @pytest.fixture(scope="module")
@@ -438,7 +492,9 @@ def run_tok() -> BPETokenizer:
 
 
 @pytest.mark.parametrize("char", ["a", " "])
-def test_pathological_runs_are_fast(run_tok, char):
+def test_pathological_runs_take_linear_time(run_tok, char):
+    """A run 4x longer takes < 8x the time (linear: 4x; quadratic: 16x). A ratio of two timings taken back to
+    back in one process, best of 3 each, is what survives a shared machine; no absolute limit."""
     assert any(run_tok.token_bytes(i) == char.encode() * 32 for i in range(run_tok.vocab_size - 1))
 
     def seconds(n: int) -> float:
@@ -451,9 +507,8 @@ def test_pathological_runs_are_fast(run_tok, char):
         assert run_tok.decode(ids) == char * n
         return best
 
-    one, two = seconds(1 << 20), seconds(2 << 20)
-    assert one < 2.0, f"1 MB of {char!r} took {one:.2f} s"
-    assert two < 2.5 * one + 0.05, f"2 MB took {two:.3f} s vs {one:.3f} s for 1 MB"
+    one, four = seconds(1 << 19), seconds(2 << 20)
+    assert four < 8 * one + 0.05, f"2 MB took {four:.3f} s vs {one:.3f} s for 0.5 MB"
 
 
 def test_pretokenizer_covers_every_character():

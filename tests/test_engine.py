@@ -73,8 +73,11 @@ def test_cached_decode_equals_full_recompute_at_every_step(kw):
                 logits = batch.step(tok)
 
 
-def test_left_padded_batch_of_8_equals_each_prompt_alone():
-    model = tiny(positional="rope")
+@pytest.mark.parametrize("positional", ["rope", "learned", "sinusoidal"])
+def test_left_padded_batch_of_8_equals_each_prompt_alone(positional):
+    """Left padding shifts each row's positions: learned and sinusoidal tables must be read at the row's own
+    positions (0 at its first real token), as rope's rotation is."""
+    model = tiny(positional=positional)
     prompts = random_prompts(8, 1, 14, seed=3)
     assert len({len(p) for p in prompts}) > 1
     g = torch.Generator().manual_seed(4)
@@ -460,6 +463,127 @@ def test_beam_search_equals_transformers_num_beams_4(length_penalty, early_stopp
         assert row[: len(b.ids)] == b.ids and all(t == eos for t in row[len(b.ids):])  # HF pads with eos
     assert [b.score for b in ours_beams] == pytest.approx(ref.sequences_scores.tolist(), abs=1e-4)
     assert [r.ids for r in rs] == [rs[0].beams[0].ids, rs[1].beams[0].ids]
+
+
+def _left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' input for a batch of unequal prompts: left-padded ids and the attention mask."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def _until_eos(row: list[int], eos: int, pad: int) -> list[int]:
+    """A row of transformers' output -> the tokens up to and including the first eos; what follows it must be
+    padding (transformers pads finished rows)."""
+    if eos not in row:
+        return row
+    end = row.index(eos) + 1
+    assert all(t == pad for t in row[end:]), row
+    return row[:end]
+
+
+def _liked_token(engine, prompts, n: int = 20) -> int:
+    """A token the model emits often, used as eos so that rows stop at different lengths."""
+    from collections import Counter
+
+    counts = Counter(t for r in engine.generate(prompts, SamplingParams(max_new_tokens=n)) for t in r.ids)
+    return counts.most_common(1)[0][0]
+
+
+def test_left_padded_greedy_with_eos_equals_transformers_generate():
+    """Prompts of unequal length (transformers: left padding + attention mask, positions from the mask) with
+    an eos that stops some rows early: each row's tokens, up to and including eos, are transformers'."""
+    hf, ours = _gpt2_pair(2)
+    engine = Engine(ours)
+    prompts = random_prompts(6, 1, 12, vocab=95, seed=21)
+    prompts = [[t + 1 for t in p] for p in prompts]  # ids 1..95: 0 is the pad below
+    assert len({len(p) for p in prompts}) > 2
+    eos = _liked_token(engine, prompts)
+    ids, mask = _left_padded(prompts, pad=0)
+    ref = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20, eos_token_id=eos,
+                      pad_token_id=0)
+    rs = engine.generate(prompts, SamplingParams(max_new_tokens=20, eos_token_ids=(eos,)))
+    expected = [_until_eos(row, eos, 0) for row in ref[:, ids.shape[1]:].tolist()]
+    assert [r.ids for r in rs] == expected
+    lengths = {len(r.ids) for r in rs}
+    assert len(lengths) > 1 and any(r.finish_reason == "stop" for r in rs), "rows should stop at several lengths"
+
+
+@pytest.mark.parametrize("length_penalty,early_stopping", [(1.0, False), (0.5, True)])
+def test_left_padded_beam_search_with_eos_equals_transformers(length_penalty, early_stopping):
+    hf, ours = _gpt2_pair(3)
+    engine = Engine(ours)
+    prompts = [[t + 1 for t in p] for p in random_prompts(3, 2, 9, vocab=95, seed=22)]
+    assert len({len(p) for p in prompts}) > 1
+    eos = _liked_token(engine, prompts, 12)
+    ids, mask = _left_padded(prompts, pad=eos)
+    ref = hf.generate(ids, attention_mask=mask, do_sample=False, num_beams=4, num_return_sequences=4,
+                      max_new_tokens=12, eos_token_id=eos, pad_token_id=eos, length_penalty=length_penalty,
+                      early_stopping=early_stopping, output_scores=True, return_dict_in_generate=True)
+    rs = engine.generate(prompts, SamplingParams(strategy="beam", num_beams=4, num_return_sequences=4,
+                                                 max_new_tokens=12, eos_token_ids=(eos,),
+                                                 length_penalty=length_penalty, early_stopping=early_stopping))
+    beams = [b for r in rs for b in r.beams]
+    assert len({len(b.ids) for b in beams}) > 1, "the test should see hypotheses of several lengths"
+    for row, b in zip(ref.sequences[:, ids.shape[1]:].tolist(), beams):
+        assert row[: len(b.ids)] == b.ids and all(t == eos for t in row[len(b.ids):])  # HF pads with eos
+    assert [b.score for b in beams] == pytest.approx(ref.sequences_scores.tolist(), abs=1e-4)
+
+
+def _seq2seq_pair(family: str, seed: int):
+    pytest.importorskip("transformers")
+    import transformers
+
+    from glassmind.model.interop import from_hf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=90, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                  init_std=0.3, forced_eos_token_id=None, forced_bos_token_id=None)  # no forcing processors
+    if family == "bart":  # learned positions (offset 2), layer norm on the embeddings, gelu; pad 1, start 2
+        hf = transformers.BartForConditionalGeneration(transformers.BartConfig(
+            **common, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2))
+    else:  # sinusoidal positions, scaled embeddings, swish; pad 0 = the decoder's start
+        hf = transformers.MarianMTModel(transformers.MarianConfig(
+            **common, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0))
+    hf.eval()
+    return hf, from_hf(hf).eval()
+
+
+def _right_padded(sources: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, sources))
+    return (torch.tensor([s + [pad] * (width - len(s)) for s in sources]),
+            torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources]))
+
+
+@pytest.mark.parametrize("family", ["bart", "marian"])
+def test_encoder_decoder_greedy_and_beam_equal_transformers_generate(family):
+    """BART and Marian (converted from transformers) generate what transformers' generate does from the same
+    padded sources: greedy with an eos that stops rows early, and beam search (4 beams) with its scores."""
+    hf, ours = _seq2seq_pair(family, 4)
+    pad, start = hf.config.pad_token_id, hf.config.decoder_start_token_id
+    engine = Engine(ours, decoder_start_token_id=start)
+    sources = [[t for t in p if t != pad] or [5] for p in random_prompts(4, 3, 12, vocab=90, seed=23)]
+    assert len({len(s) for s in sources}) > 1
+    ids, mask = _right_padded(sources, pad)
+    eos = _liked_token(engine, sources, 15)
+    gen = dict(eos_token_id=eos, pad_token_id=pad, decoder_start_token_id=start, max_new_tokens=15,
+               do_sample=False)
+
+    ref = hf.generate(ids, attention_mask=mask, **gen)  # (B, 1 + new): the start token first
+    rs = engine.generate(sources, SamplingParams(max_new_tokens=15, eos_token_ids=(eos,)))
+    assert [r.ids for r in rs] == [_until_eos(row, eos, pad) for row in ref[:, 1:].tolist()]
+    assert len({len(r.ids) for r in rs}) > 1
+
+    ref = hf.generate(ids, attention_mask=mask, num_beams=4, num_return_sequences=4, output_scores=True,
+                      return_dict_in_generate=True, **{**gen, "pad_token_id": eos})
+    rs = engine.generate(sources, SamplingParams(strategy="beam", num_beams=4, num_return_sequences=4,
+                                                 max_new_tokens=15, eos_token_ids=(eos,)))
+    beams = [b for r in rs for b in r.beams]
+    for row, b in zip(ref.sequences[:, 1:].tolist(), beams):
+        assert row[: len(b.ids)] == b.ids and all(t == eos for t in row[len(b.ids):])
+    assert [b.score for b in beams] == pytest.approx(ref.sequences_scores.tolist(), abs=1e-4)
 
 
 # ------------------------------------------------------------------------------ detokenizer

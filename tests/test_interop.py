@@ -273,6 +273,28 @@ def test_from_hf_dir_reads_base_model_layout_and_refuses_pickle(tmp_path):
     assert_same_state(interop.from_hf_dir(old, allow_pickle=True), interop.from_hf(h))
 
 
+@pytest.mark.parametrize("weights", ["pytorch_model.bin", "model.pt"])
+def test_convert_via_transformers_refuses_a_pickle_unless_allowed(tmp_path, capsys, weights):
+    """--via transformers must not hand a pickle to from_pretrained behind --allow-pickle's back (unpickling
+    can run code): a directory whose weights are a .bin/.pt is refused unless --allow-pickle."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    h = perturb(transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2_CONFIGS[1])))
+    src = tmp_path / "hf"
+    h.save_pretrained(src)
+    torch.save(load_file(str(src / "model.safetensors")), src / weights)  # the old pickle layout
+    (src / "model.safetensors").unlink()
+    assert convert.main(["--from-hf", str(src), "--out", str(tmp_path / "run"), "--via", "transformers"]) == 2
+    err = capsys.readouterr().err
+    assert "pickle" in err and "--allow-pickle" in err and weights in err
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    if weights == "pytorch_model.bin":  # the name transformers reads: allowed, it converts
+        assert convert.main(["--from-hf", str(src), "--out", str(tmp_path / "run"), "--via", "transformers",
+                             "--allow-pickle"]) == 0
+        assert check_gpt2(load_model(tmp_path / "run").eval(), h) < TOL
+
+
 def test_convert_cli_both_ways_with_gpt2_via_transformers(tmp_path, capsys):
     torch.manual_seed(0)
     h = perturb(transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2_CONFIGS[1])))

@@ -28,34 +28,102 @@ WORKER = str(Path(__file__).parent / "dist_worker.py")
 LAYOUTS_2 = ["dp=2", "dp=2,zero=1", "dp=2,zero=2", "fsdp=2", "tp=2", "pp=2,schedule=gpipe,microbatches=2",
              "pp=2,schedule=1f1b,microbatches=4", "fsdp=2,mp=bf16", "dp=2,mp=bf16", "fsdp=2,mp=fp16"]
 LAYOUTS_4 = ["dp=2,tp=2", "fsdp=2,tp=2", "pp=2,dp=2,microbatches=2", "pp=2,fsdp=2,microbatches=2",
-             "pp=2,tp=2,microbatches=2,mp=bf16"]
-BF16_TOL = 0.05  # bf16 compute vs the fp32 reference: loss agrees to about 1%
-FP16_TOL = 5e-3  # fp16 keeps 3 more mantissa bits than bf16
-LAUNCH_TIMEOUT = 240
+             "pp=2,tp=2,microbatches=2", "pp=2,tp=2,microbatches=2,mp=bf16"]
+# Runs with lr 0 under a bf16 layout: test_checks_reject_a_model_that_never_trains shows the checks fail them.
+FROZEN_2 = [W.FROZEN + "dp=2,mp=bf16", W.FROZEN + "fsdp=2,mp=bf16"]
+# What each precision is held to. bf16 layouts are compared with a one-process bf16 (autocast) run, fp16 ones
+# with the fp32 run. The three steps move the loss by about 0.037 (4.582 -> 4.607 vs 4.570 untrained at step
+# 3), so a loss tolerance must stay well under that; the update (final - initial weights, as one vector) is
+# what a model that never trains gets wrong by 100%.
+# Measured worst cases (2 and 4 gloo ranks): fp32 layouts 2.4e-7 / 1.1e-6 / 3e-7 / 1.3e-5; bf16 layouts vs the bf16
+# run 2.0e-4 / 0.030 / 1.2e-3 / 0.084; a bf16 run with lr 0: 0.037 / - / 1.9 / 1.0.
+TOLS = {  # precision -> (loss, first-step gradient per parameter (relative L2), gradient norm (relative), update (relative L2))
+    "fp32": (1e-5, 1e-4, 1e-5, 1e-3),
+    "bf16": (2e-3, 0.1, 0.01, 0.2),
+    "fp16": (5e-3, 0.02, 5e-3, 0.1),
+}
+LAUNCH_TIMEOUT = 300
 
 
 # ----------------------------------------------------------------------------------------------------
 # the single-process reference and the launches
 
 
+def initial_weights() -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in W.make_model().state_dict().items()}
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One process, the same global batch: losses per step, the model after all steps, and a checkpoint
-    after SAVE_AT steps written by glassmind.train.checkpoint (the layouts resume from it too)."""
+    """One process, the same global batch: losses per step, every gradient of the first step, the gradient
+    norms, the model after all steps, and a checkpoint after SAVE_AT steps written by
+    glassmind.train.checkpoint (the layouts resume from it too)."""
     from glassmind.train import checkpoint as ckpt
     from glassmind.train.optim import adamw
 
     torch.manual_seed(0)
     model = W.make_model()
     opt = adamw(model, lr=W.LR)
-    first, _ = W.reference_run(W.SAVE_AT, model=model, optimizer=opt)
+    record: dict = {}
+    first, _ = W.reference_run(W.SAVE_AT, model=model, optimizer=opt, record=record)
     root = tmp_path_factory.mktemp("single") / "train_state"
     path = ckpt.save(root, W.SAVE_AT, model=model, optimizer=opt)
-    rest, _ = W.reference_run(W.STEPS, model=model, optimizer=opt, start=W.SAVE_AT)
+    rest, _ = W.reference_run(W.STEPS, model=model, optimizer=opt, start=W.SAVE_AT, record=record)
     data = W.batches()
     with torch.no_grad():
         eval_loss = float(W.causal_lm_loss(model(data[0][:, :-1]), data[0][:, 1:]))
-    return {"losses": first + rest, "model": model, "checkpoint": path, "eval_loss": eval_loss}
+    return {"losses": first + rest, "model": model, "checkpoint": path, "eval_loss": eval_loss,
+            "grads": record["grads"], "grad_norms": record["grad_norms"], "state": model.state_dict()}
+
+
+@pytest.fixture(scope="module")
+def bf16_reference():
+    """The same run in one process under bf16 autocast: what the bf16 layouts are compared with."""
+    record: dict = {}
+    model = W.make_model()
+    losses, model = W.reference_run(W.STEPS, model=model, mp="bf16", record=record)
+    return {"losses": losses, "grads": record["grads"], "grad_norms": record["grad_norms"],
+            "state": model.state_dict()}
+
+
+def precision(layout: str) -> str:
+    return "bf16" if "bf16" in layout else "fp16" if "fp16" in layout else "fp32"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def disagreements(root: Path, layout: str, ref: dict) -> list[str]:
+    """Everything in which the layout's run differs from the one-process run `ref` by more than its
+    precision's tolerance: losses, every parameter's first-step gradient (gathered to full tensors), the
+    gradient norm of every step, and the update the three steps made. [] when it agrees."""
+    from safetensors.torch import load_file
+
+    loss_tol, grad_tol, norm_tol, update_tol = TOLS[precision(layout)]
+    got = result_of(root, layout)
+    folder = root / W.folder_name(layout)
+    out = []
+    worst = max(abs(a - b) for a, b in zip(got["losses"], ref["losses"]))
+    if worst > loss_tol:
+        out.append(f"losses differ by {worst:.3g} > {loss_tol}")
+    grads = torch.load(folder / "grads_first_step.pt")
+    if grads.keys() != ref["grads"].keys():
+        out.append(f"gradients of {sorted(set(grads) ^ set(ref['grads']))} missing on one side")
+    for name in sorted(set(grads) & set(ref["grads"])):
+        if grads[name].shape != ref["grads"][name].shape:
+            out.append(f"gradient of {name}: shape {tuple(grads[name].shape)}")
+        elif (e := rel(grads[name], ref["grads"][name])) > grad_tol:
+            out.append(f"gradient of {name} differs by {e:.3g} (relative) > {grad_tol}")
+    for i, (a, b) in enumerate(zip(got["grad_norms"], ref["grad_norms"])):
+        if abs(a - b) > norm_tol * b:
+            out.append(f"step {i + 1}: gradient norm {a:.6g} vs {b:.6g}")
+    state, start = load_file(str(folder / "model" / "model.safetensors")), initial_weights()
+    mine = torch.cat([(state[k].float() - start[k]).flatten() for k in start])
+    theirs = torch.cat([(ref["state"][k].float() - start[k]).flatten() for k in start])
+    if (e := rel(mine, theirs)) > update_tol:
+        out.append(f"the update (final - initial weights) differs by {e:.3g} (relative) > {update_tol}")
+    return out
 
 
 def launch(tmp_path_factory, name: str, nproc: int, layouts: list[str], reference) -> Path:
@@ -70,7 +138,7 @@ def launch(tmp_path_factory, name: str, nproc: int, layouts: list[str], referenc
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, reference):
-    return launch(tmp_path_factory, "two", 2, LAYOUTS_2, reference)
+    return launch(tmp_path_factory, "two", 2, LAYOUTS_2 + FROZEN_2, reference)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +155,11 @@ def result_of(root: Path, layout: str) -> dict:
 
 
 def tolerance(layout: str) -> float:
-    return BF16_TOL if "bf16" in layout else FP16_TOL if "fp16" in layout else 1e-5
+    return TOLS[precision(layout)][0]
+
+
+def reference_for(request, layout: str) -> dict:
+    return request.getfixturevalue("bf16_reference" if precision(layout) == "bf16" else "reference")
 
 
 def each_layout():
@@ -100,13 +172,26 @@ def each_layout():
 
 
 @pytest.mark.parametrize("launch_name,layout", each_layout())
-def test_losses_match_one_process(request, reference, launch_name, layout):
-    got = result_of(request.getfixturevalue(launch_name), layout)
-    tol = tolerance(layout)
-    assert got["losses"] == pytest.approx(reference["losses"], abs=tol)
-    assert got["eval_loss"] == pytest.approx(reference["eval_loss"], abs=tol)
-    if "mp=" not in layout:  # the layouts really train: the loss moves, and identically
-        assert abs(got["losses"][2] - got["losses"][0]) > 1e-3
+def test_losses_gradients_and_update_match_one_process(request, launch_name, layout):
+    """Losses alone cannot see a gradient scaled uniformly (AdamW with clipping is nearly invariant to it:
+    summing instead of averaging over 2 replicas moves these losses by < 1e-6); every parameter's gradient
+    and the gradient norm can."""
+    root = request.getfixturevalue(launch_name)
+    ref = reference_for(request, layout)
+    assert disagreements(root, layout, ref) == []
+    got = result_of(root, layout)
+    if precision(layout) != "bf16":  # the bf16 reference has no eval loss; bf16's is checked through the update
+        assert got["eval_loss"] == pytest.approx(ref["eval_loss"], abs=tolerance(layout))
+    assert abs(got["losses"][2] - got["losses"][0]) > 1e-3  # the layouts really train: the loss moves
+
+
+@pytest.mark.parametrize("layout", FROZEN_2)
+def test_checks_reject_a_model_that_never_trains(two_ranks, bf16_reference, layout):
+    """The bf16 tolerances are no tolerance if an untrained model meets them: a run with lr 0 must fail both
+    the loss and the update checks (its first-step gradients are right: it computes them, then does not step)."""
+    problems = disagreements(two_ranks, layout, bf16_reference)
+    assert any(p.startswith("losses differ") for p in problems), problems
+    assert any(p.startswith("the update") for p in problems), problems
 
 
 @pytest.mark.parametrize("launch_name,layout", each_layout())

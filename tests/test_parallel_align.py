@@ -88,7 +88,9 @@ def refs(root, bases, prefs):
     assert sft.main(W.sft_args(base, root / "sft-ref")) == 0
     assert reward.main(W.reward_args(root / "sft-ref", root / "reward-ref", prefs)) == 0
     assert dpo.main(W.dpo_args(root / "sft-ref", root / "dpo-ref")) == 0
-    return {v: root / f"{v}-ref" for v in ("sft", "reward", "dpo")}
+    # bf16 in one process: --parallel mp=bf16 with no torchrun is bf16 autocast, the bf16 layouts' reference
+    assert sft.main(W.sft_args(base, root / "sft-bf16-ref", "--parallel", "mp=bf16")) == 0
+    return {v: root / f"{v}-ref" for v in ("sft", "reward", "dpo", "sft-bf16")}
 
 
 @pytest.fixture(scope="module")
@@ -162,13 +164,19 @@ def test_sft_layout_matches_one_process(launched, refs, layout, capsys):
     assert replies[0] == replies[1] and replies[0].strip()
 
 
-def test_sft_bf16_layout_is_close_to_fp32(launched, refs):
-    """fsdp=2,mp=bf16: bf16 compute (FSDP casts the gathered weights), fp32 shards and optimizer state."""
+def test_sft_bf16_layout_matches_one_process_bf16(launched, refs):
+    """fsdp=2,mp=bf16 (bf16 compute: FSDP casts the gathered weights; fp32 shards and optimizer state) against
+    one process under bf16 autocast. The 4 steps move the loss by 0.13 and an lr-0 run is 0.15 off by step 4
+    (measured), so 5e-3 cannot be met by a model that does not train; the gradient norm sees a gradient
+    scaled uniformly, which the loss barely does."""
     run = run_of(launched, "sft-fsdp2-bf16")
-    ours, ref = rows(run, "loss"), rows(refs["sft"], "loss")
-    assert [r["step"] for r in ours] == [1, 2, 3, 4]
-    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ours, ref)) < 0.05
-    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ours, ref)) > 0  # bf16 really ran
+    ours, ref = rows(run, "loss"), rows(refs["sft-bf16"], "loss")
+    assert [r["step"] for r in ours] == [r["step"] for r in ref] == [1, 2, 3, 4]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ours, ref)) < 5e-3
+    assert max(abs(a["grad_norm"] - b["grad_norm"]) / b["grad_norm"] for a, b in zip(ours, ref)) < 1e-2
+    assert ref[0]["loss"] - ref[-1]["loss"] > 0.1  # the reference trains: the tolerance is tighter than that
+    fp32 = rows(refs["sft"], "loss")
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ours, fp32)) > 0  # bf16 really ran
 
 
 def test_sft_resumes_under_another_layout(launched, refs):

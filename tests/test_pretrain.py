@@ -272,14 +272,21 @@ def test_run_directory_holds_what_design_md_lists(reference):
     assert load_model(run).config.d_model == 32
 
 
-def test_golden_losses(reference):
-    """The first 20 losses of the tiny run, pinned. Set GLASSMIND_REGEN_GOLDEN=1 to rewrite the file after a
-    deliberate change to the model or the loop (and say why in the commit)."""
+def test_golden_losses_pin_a_regression_on_this_torch_build(reference):
+    """The first 20 losses of the tiny run, as this code computed them once under the torch build the file
+    names. It pins a regression (any change to the model, the data order or the loop's arithmetic moves them)
+    and is no evidence of correctness: the file was written by the code it tests. Correctness rests on
+    outside references: the forward pass against transformers (test_interop.py), the loss, gradients and
+    updates of every parallel layout against one process (test_parallel.py), exact resume
+    (test_sigkill_*). Another torch build may round differently: the test is skipped there. Set
+    GLASSMIND_REGEN_GOLDEN=1 to rewrite the file after a deliberate change (and say why in the commit)."""
     run, _ = reference
     losses = [r["loss"] for r in train_rows(run)[:20]]
     if os.environ.get("GLASSMIND_REGEN_GOLDEN"):
         GOLDEN.write_text(json.dumps({"config": TINY, "torch": torch.__version__, "losses": losses}, indent=1) + "\n")
     golden = json.loads(GOLDEN.read_text())
+    if golden["torch"] != torch.__version__:
+        pytest.skip(f"the golden losses were written under torch {golden['torch']}, this is {torch.__version__}")
     assert golden["config"] == TINY
     assert losses == pytest.approx(golden["losses"], rel=1e-6, abs=1e-6)
 
@@ -534,6 +541,9 @@ def test_pretrain_under_torchrun_matches_one_process(ws, reference, layout):
     ours, ref = train_rows(ws / out), train_rows(reference[0])
     assert [r["step"] for r in ours] == [r["step"] for r in ref]
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ours, ref)) < 1e-5
+    # the losses cannot see gradients scaled uniformly (summed instead of averaged over replicas: AdamW with
+    # clipping moves them by < 1e-6); the gradient norm before clipping can
+    assert max(abs(a["grad_norm"] - b["grad_norm"]) / b["grad_norm"] for a, b in zip(ours, ref)) < 1e-5
     model = load_model(ws / out)
     assert torch.isfinite(model(torch.zeros(1, 8, dtype=torch.long))).all()
     if layout == "fsdp=2":  # --resume takes the layout from this launch, not the saved run: one process goes on
@@ -607,3 +617,5 @@ def test_fp16_under_torchrun_matches_one_process(ws, fp16_reference, layout):
     else:
         assert not any(skipped)
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ours, ref)) < FP16_TOL
+    kept = [(a, b) for a, b in zip(ours, ref) if not a.get("skipped")]  # a skipped step's norm is inf
+    assert max(abs(a["grad_norm"] - b["grad_norm"]) / b["grad_norm"] for a, b in kept) < FP16_TOL

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--via", choices=("safetensors", "transformers"), default="safetensors",
                    help="with --from-hf: read the weights directly, or load the model with transformers first")
     p.add_argument("--allow-pickle", action="store_true",
-                   help="read a pytorch_model.bin (pickle) when there is no model.safetensors")
+                   help="read a pytorch_model.bin / .pt (pickle, which can run code) when there is no "
+                        "model.safetensors; refused without it, with --via transformers too")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     return p
 
@@ -61,7 +62,7 @@ def from_hf(src: Path, out: Path, *, via: str, allow_pickle: bool, overwrite: bo
         raise GlassmindError("--out must differ from --from-hf: the two directories have different layouts")
     _refuse_overwrite(out, ("config.json", "model.safetensors"), overwrite)
     if via == "transformers":
-        model = interop.from_hf(interop.load_hf_dir(src))
+        model = interop.from_hf(interop.load_hf_dir(src, allow_pickle=allow_pickle))
     else:
         model = interop.from_hf_dir(src, allow_pickle=allow_pickle)
     save_model(model, out)

@@ -613,8 +613,25 @@ def from_hf_dir(path: str | os.PathLike, *, allow_pickle: bool = False) -> Trans
     return _from_hf_state(_read_hf_weights(Path(path), allow_pickle=allow_pickle), cfg, name)
 
 
-def load_hf_dir(path: str | os.PathLike):
-    """The transformers model in a local directory, built offline (never downloads), in eval mode."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def load_hf_dir(path: str | os.PathLike, *, allow_pickle: bool = False):
+    """The transformers model in a local directory, built offline (never downloads), in eval mode.
+
+    Like from_hf_dir it reads safetensors only unless allow_pickle: a directory whose weights are a pickle
+    (pytorch_model.bin, *.pt, ...) is refused before transformers opens it, since unpickling can run code."""
     transformers = _transformers()
     name = architecture_of(_read_hf_config(path))
-    return getattr(transformers, name).from_pretrained(str(path), local_files_only=True).eval()
+    path = Path(path)
+    has_safetensors = any(path.glob("*.safetensors"))
+    if not has_safetensors and not allow_pickle:
+        pickles = sorted(f.name for f in path.iterdir()
+                         if f.name.endswith(PICKLE_SUFFIXES) or f.name.endswith(".bin.index.json"))
+        if pickles:
+            raise GlassmindError(f"{path} holds its weights as {', '.join(pickles)}: pickle files, which can run "
+                                 "arbitrary code when loaded; refusing. If you trust them, pass "
+                                 "allow_pickle=True (--allow-pickle)")
+    # use_safetensors=True: transformers itself must not fall back to a pickle the check above did not name
+    kw = {} if allow_pickle else {"use_safetensors": True}
+    return getattr(transformers, name).from_pretrained(str(path), local_files_only=True, **kw).eval()

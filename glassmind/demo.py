@@ -15,7 +15,8 @@ import json
 import time
 from pathlib import Path
 
-from glassmind.common import atomic_write_text, run_main
+from glassmind.common import (DTYPE_CHOICES, atomic_write_text, cpu_summary, dtype_name, pick_device, resolve_dtype,
+                              run_main)
 
 SAMPLES = [
     "def fibonacci(n):",
@@ -59,16 +60,16 @@ def stage_tokenizers(out: Path, max_bytes: int, vocab_size: int) -> dict:
     return summary
 
 
-def stage_pretrain(out: Path, budget: str) -> dict:
+def stage_pretrain(out: Path, budget: str, dtype: str = "auto") -> dict:
     """A small decoder, encoder and encoder-decoder, each with its self-supervised objective."""
     from glassmind.train.pretrain import demo_stage
 
-    results = demo_stage(out, out / "tokenizer-bpe", budget=budget)
-    print("\n| family | objective | parameters | tokens | val loss before | val loss after | seconds |")
-    print("|---|---|---|---|---|---|---|")
+    results = demo_stage(out, out / "tokenizer-bpe", budget=budget, dtype=dtype)
+    print("\n| family | objective | dtype | parameters | tokens | val loss before | val loss after | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
     objectives = {"decoder": "causal LM", "encoder": "masked LM", "encoder-decoder": "span corruption"}
     for arch, r in results.items():
-        print(f"| {arch} | {objectives[arch]} | {r['parameters']:,} | {r['tokens']:,} | "
+        print(f"| {arch} | {objectives[arch]} | {r['dtype']} | {r['parameters']:,} | {r['tokens']:,} | "
               f"{r['val_loss_before']:.3f} | {r['val_loss_after']:.3f} | {r['seconds']:.0f} |")
     print(f"\ndecoder sample (greedy): {results['decoder']['sample']!r}")
     return results
@@ -103,17 +104,23 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary size (default 4096)")
     p.add_argument("--budget", choices=("small", "tiny"), default="small",
                    help="training budget: small (the demo, minutes) or tiny (seconds: a smoke test)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="pre-training compute dtype (default auto: bf16 where this machine computes it natively, "
+                        "else fp32)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    summary: dict = {}
+    # said once, up front: a demo that crawls is most often bf16 on a CPU that emulates it (issue 13)
+    dtype, reason = resolve_dtype(args.dtype, pick_device("auto"))
+    print(f"CPU: {cpu_summary()}; pre-training in {dtype_name(dtype)}", flush=True)
+    summary: dict = {"cpu": cpu_summary(), "dtype": dtype_name(dtype), "dtype_reason": reason}
 
     banner("1. Tokenizers: byte-level BPE and WordPiece on the built-in corpus")
     summary["tokenizers"] = stage_tokenizers(out, int(args.corpus_mb * 1e6), args.vocab_size)
 
     banner("2. Pre-training: decoder (causal LM), encoder (masked LM), encoder-decoder (span corruption)")
-    summary["pretrain"] = stage_pretrain(out, args.budget)
+    summary["pretrain"] = stage_pretrain(out, args.budget, args.dtype)
 
     banner("3. Inference: prefill + KV cache decode under each strategy (metrics per request)")
     summary["generate"] = stage_generate(out)

@@ -34,7 +34,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from glassmind.common import GlassmindError
+from glassmind.common import GlassmindError, cpu_has_amx_bf16
 from glassmind.infer import fast_linear
 from glassmind.infer.beam import Hypothesis, beam_search
 from glassmind.infer.kv_cache import KVCache, StaticKVCache
@@ -295,9 +295,11 @@ class CompiledStep:
         # (-10% / -10%: oneDNN's fixed cost per call dominates such small products) and max-autotune with
         # inductor's C++ GEMM template replaces oneDNN's calls with generated AMX kernels (a further -34% /
         # -31%), at ~30 s more compilation per batch size. In fp32 neither helps (concat: +15% at batch 8 with
-        # MKL; autotune: +-2%), so fp32 keeps the shorter compile.
+        # MKL; autotune: +-2%), so fp32 keeps the shorter compile. Those bf16 numbers are AMX numbers: a CPU
+        # whose torch has no native bf16 (AVX2; AMX hidden) keeps the plain compile too (cpu_has_amx_bf16).
         options: dict[str, Any] = {"freezing": True, "cpp_wrapper": True}
-        if next(model.parameters()).dtype == torch.bfloat16:
+        weight = next(model.parameters())
+        if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and cpu_has_amx_bf16():
             options.update({"cpp.enable_concat_linear": True, "max_autotune": True,
                             "max_autotune_gemm_backends": "CPP,ATEN",
                             "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False})

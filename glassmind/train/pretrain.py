@@ -42,8 +42,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from glassmind.common import (GlassmindError, add_config_args, atomic_write_json, config_from_args, is_rank0,
-                              pick_device, print0, rank, run_dir, run_main, seed_everything, world_size)
+from glassmind.common import (GlassmindError, add_config_args, atomic_write_json, config_from_args, cpu_summary,
+                              dtype_name, is_rank0, pick_device, print0, rank, resolve_dtype, run_dir, run_main,
+                              seed_everything, world_size)
 from glassmind.data import objectives
 from glassmind.data.loader import WindowLoader
 from glassmind.data.shards import Shards, build_shards, separator_id
@@ -123,8 +124,9 @@ class PretrainConfig:
     mean_span: float = _f(3.0, "span corruption: mean span length")
     # precision and device
     device: str = _f("auto", "auto, cpu, cuda, cuda:1, mps")
-    dtype: str = _f("fp32", "compute dtype: fp32, bf16 (autocast, CPU or GPU), fp16 (autocast + grad scaler; "
-                            "for GPUs, slow on a CPU)", choices=("fp32", "bf16", "fp16"))
+    dtype: str = _f("auto", "compute dtype: auto (bf16 where this machine computes it natively: a GPU with bf16, "
+                            "a CPU with AMX or AVX512-BF16; else fp32), fp32, bf16 (autocast, CPU or GPU), fp16 "
+                            "(autocast + grad scaler; for GPUs, slow on a CPU)", choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = _f(False, "torch.compile the model")
     fused_loss: str = _f("auto", "compute the output projection and cross-entropy in row chunks without the full "
                                  "fp32 logits (decoder, encoder-decoder; masked LM: the head on chosen positions "
@@ -204,6 +206,18 @@ def data_parallel_size(cfg: PretrainConfig) -> int:
 # ======================================================================================================
 
 
+def resolve_config_dtype(cfg: PretrainConfig) -> tuple[PretrainConfig, str]:
+    """`--dtype auto` -> the dtype this machine computes fast (common.resolve_dtype), written into the config
+    so that pretrain.json and the card say what ran. A resumed run keeps the dtype it started with."""
+    if cfg.dtype == "auto" and cfg.resume and (Path(cfg.out) / CONFIG_FILE).exists():
+        saved = json.loads((Path(cfg.out) / CONFIG_FILE).read_text(encoding="utf-8"))
+        if saved.get("dtype", "auto") != "auto":
+            return (dataclasses.replace(cfg, dtype=saved["dtype"]),
+                    saved.get("dtype_reason", f"dtype auto -> {saved['dtype']}: the resumed run's"))
+    dtype, reason = resolve_dtype(cfg.dtype, pick_device(cfg.device))
+    return dataclasses.replace(cfg, dtype=dtype_name(dtype)), reason
+
+
 def setup_device(cfg: PretrainConfig) -> tuple[torch.device, torch.dtype]:
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
@@ -233,11 +247,12 @@ def prepare_run_dir(cfg: PretrainConfig) -> Path:
     return checkpoint.check_run_dir(cfg, CONFIG_FILE, RESUME_MAY_CHANGE)
 
 
-def start_run_dir(cfg: PretrainConfig, out: Path, tok) -> None:
+def start_run_dir(cfg: PretrainConfig, out: Path, tok, *, dtype_reason: str | None = None) -> None:
     """Written once every check has passed, so a refused config leaves no half-made run behind."""
     if is_rank0():
         run_dir(out)
-        atomic_write_json(out / CONFIG_FILE, dataclasses.asdict(cfg))
+        extra = {"dtype_reason": dtype_reason} if dtype_reason else {}
+        atomic_write_json(out / CONFIG_FILE, {**dataclasses.asdict(cfg), **extra})
         tok.save(out)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -504,6 +519,7 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
 
     t_start = time.perf_counter()
     # -- 2. setup ------------------------------------------------------------------------------------------
+    cfg, dtype_reason = resolve_config_dtype(cfg)  # `auto` -> fp32 or bf16, before anything reads cfg.dtype
     check_config(cfg)
     spec, mesh = join(cfg.parallel, pick_device(cfg.device).type, mp=cfg.dtype)  # None: one process
     dp_rank, dp_size = mesh_coordinate(mesh, "dp")
@@ -519,7 +535,7 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
     shards = build_shards(tok, cfg.data, root=cfg.shards_dir, val_fraction=cfg.val_fraction,
                           max_bytes=cfg.max_bytes, progress=cfg.progress and is_rank0())
     train_loader, val_loader = make_loaders(cfg, shards, rank=dp_rank, world=dp_size)
-    start_run_dir(cfg, out, tok)  # every check passed: only now does the run directory get written
+    start_run_dir(cfg, out, tok, dtype_reason=dtype_reason)  # every check passed: only now does the run directory get written
     bytes_per_token = shards.bytes_per_token("val")
     accum = cfg.batch_tokens // (cfg.micro_batch * cfg.context * dp_size)
     print0(f"data: {shards.tokens('train'):,} train / {shards.tokens('val'):,} val tokens ({shards.path}); "
@@ -684,7 +700,7 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
     train_rows = [r for r in log.rows() if "loss" in r and r.get("split") != "val" and "event" not in r]
     median_speed = float(np.median(speeds)) if speeds else float("nan")
     summary = {
-        "run": str(out), "arch": cfg.arch, "parameters": n_params, "steps": step,
+        "run": str(out), "arch": cfg.arch, "dtype": cfg.dtype, "parameters": n_params, "steps": step,
         "tokens": step * cfg.batch_tokens,
         "train_loss": train_rows[-1]["loss"] if train_rows else last_loss,
         "val_loss_start": first_val["val_loss"], "val_loss": final_val["val_loss"],
@@ -698,9 +714,10 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
         out, title=f"{out.name}: pre-trained {cfg.arch}",
         what=(f"Pre-trained a {n_params:,}-parameter {cfg.arch} with {objective} for {step} steps "
               f"({step * cfg.batch_tokens:,} tokens) on {', '.join(cfg.data) if cfg.data else 'the built-in corpus'}"
-              f", {cfg.dtype} on {device.type}."),
+              f", {cfg.dtype} on {device.type} ({dtype_reason}; {cpu_summary() if device.type == 'cpu' else device})."),
         parent=cfg.init_from or (f"tokenizer from {cfg.tokenizer}" if cfg.tokenizer else None),
-        numbers={k: v for k, v in summary.items() if k not in ("run", "arch")}, config=dataclasses.asdict(cfg),
+        numbers={k: v for k, v in summary.items() if k not in ("run", "arch")},
+        config={**dataclasses.asdict(cfg), "dtype_reason": dtype_reason},
         plots=["loss.png"])
     print0(f"done: val loss {summary['val_loss_start']:.4f} -> {summary['val_loss']:.4f} "
            f"(ppl {summary['val_ppl']:.1f}, {summary['val_bpb']:.3f} bits/byte), {out}")
@@ -737,9 +754,9 @@ DEMO_BUDGETS = {
     # far slower on a loaded machine), ~300k for each of the others. Small batches and a high lr: more
     # updates from few tokens.
     "small": (dict(depth=2, context=128, micro_batch=16, batch_tokens=2048, steps=1200, eval_every=200, lr=4e-3,
-                   val_fraction=0.02, dtype="bf16"),
+                   val_fraction=0.02, dtype="auto"),
               dict(depth=2, context=64, micro_batch=16, batch_tokens=1024, steps=300, eval_every=100, lr=4e-3,
-                   val_fraction=0.05, dtype="bf16")),
+                   val_fraction=0.05, dtype="auto")),
     "tiny": (dict(depth=1, context=32, micro_batch=4, batch_tokens=256, steps=6, eval_every=3,
                   max_bytes=300_000, val_fraction=0.25, eval_batches=2, threads=1, progress=False),
              dict(depth=1, context=32, micro_batch=4, batch_tokens=256, steps=4, eval_every=2,
@@ -747,13 +764,15 @@ DEMO_BUDGETS = {
 }
 
 
-def demo_stage(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, budget: str = "small") -> dict:
+def demo_stage(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, budget: str = "small",
+               dtype: str = "auto") -> dict:
     """The demo's pre-training stage: a small decoder (causal LM), a tiny encoder (masked LM) and a tiny
     encoder-decoder (span corruption) with the demo's BPE tokenizer (the encoder uses it RoBERTa-style, with an
     added <|mask|>). Data: the standard library's top-level modules, the part of the built-in corpus that is
     ordinary code (its packages open with codec tables and test data, poor teachers for a few minutes of
     training). Returns, per family, the validation loss before and after, and a greedy sample from the
-    decoder (a model this small repeats itself under greedy decoding; the loss drop is the point)."""
+    decoder (a model this small repeats itself under greedy decoding; the loss drop is the point). `dtype`:
+    the compute dtype of all three (auto: what this machine computes fast, see common.resolve_dtype)."""
     from glassmind.model import load as load_model
     from glassmind import tokenizer as tok_lib
 
@@ -771,13 +790,13 @@ def demo_stage(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, 
             from glassmind.data.tasks import write_world_corpus
 
             data.append(str(write_world_corpus(out_dir / "world.txt", repeats=80)))
-        kw = {"data": data, **kw}
+        kw = {"data": data, **kw, "dtype": dtype}
         cfg = PretrainConfig(out=str(run), arch=arch, tokenizer=str(tokenizer_dir), ckpt_every=0, keep_last=1,
                              resume=(run / CONFIG_FILE).exists(), **kw)
         summary = pretrain(cfg)
         results[arch] = {"run": str(run), "val_loss_before": summary["val_loss_start"],
                          "val_loss_after": summary["val_loss"], "parameters": summary["parameters"],
-                         "tokens": summary["tokens"], "seconds": summary["seconds"]}
+                         "tokens": summary["tokens"], "seconds": summary["seconds"], "dtype": summary["dtype"]}
     dec_run = out_dir / "pretrain-decoder"
     results["decoder"]["sample"] = greedy_sample(load_model(dec_run), tok_lib.load(dec_run), "def __init__(self")
     return results

@@ -227,7 +227,7 @@ def resolve_dtype(name: str, device: "str | torch.device" = "cpu", *,
     bf16 only where it computes bf16 natively (cpu_bf16_support, or `probe` in its place: tests inject one),
     fp32 everywhere else (MPS included). An explicit bf16 on a CPU without native bf16 is honoured, with a
     warning that says how much slower it will be. `announce` prints what `auto` chose, and the warning, once
-    per process (an explicit fp32 or bf16 needs no words)."""
+    per process to stderr (an explicit fp32 or bf16 needs no words)."""
     import torch
 
     if name not in DTYPE_CHOICES and name not in DTYPE_NAMES:
@@ -259,9 +259,10 @@ def resolve_dtype(name: str, device: "str | torch.device" = "cpu", *,
                 reason += f" ({ratio:.1f}x slower matmuls than fp32 here)"
     if announce and (name == "auto" or warning) and (reason, warning) not in _announced:
         _announced.add((reason, warning))
-        print0(reason)
-        if warning and is_rank0():
-            print(warning, file=sys.stderr, flush=True)
+        if is_rank0():  # stderr: `glassmind generate ... > out.txt` keeps only the text
+            print(reason, file=sys.stderr, flush=True)
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
     return dtype, reason
 
 

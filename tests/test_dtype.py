@@ -46,7 +46,7 @@ def test_auto_is_announced_once_per_process(capsys, monkeypatch):
     monkeypatch.setattr(common, "_announced", set())
     for _ in range(3):
         resolve_dtype("auto", "cpu", probe=lambda: NOT_NATIVE)
-    assert capsys.readouterr().out.count("dtype auto -> fp32") == 1
+    assert capsys.readouterr().err.count("dtype auto -> fp32") == 1
 
 
 def test_explicit_bf16_on_a_slow_cpu_still_runs_bf16_but_warns_how_much_slower(capsys, monkeypatch):

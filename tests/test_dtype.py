@@ -189,3 +189,58 @@ def test_the_demo_pretraining_tiny_budget_passes_in_either_dtype(tiny_ws, dtype)
         assert r["dtype"] == dtype, arch
         assert r["val_loss_after"] < r["val_loss_before"], arch
         assert json.loads((tiny_ws / "demo" / f"pretrain-{arch}" / "pretrain.json").read_text())["dtype"] == dtype
+
+
+# ----------------------------------------------------------------------------------------------------
+# fast paths tuned on an AMX CPU check the capability
+
+
+def test_packed_bf16_decode_kernels_only_where_bf16_is_native(monkeypatch):
+    from glassmind.infer import fast_linear
+
+    w = torch.randn(64, 32).bfloat16()
+    monkeypatch.setattr(fast_linear, "cpu_bf16_support", lambda: NOT_NATIVE)
+    assert fast_linear.choose_kernel(w, 8) == "linear"
+    monkeypatch.setattr(fast_linear, "cpu_bf16_support", lambda: NATIVE)
+    if not fast_linear.onednn_works(torch.bfloat16):
+        pytest.skip("this torch/CPU has no working oneDNN packed bf16 linear")
+    assert fast_linear.choose_kernel(w, 8) == "onednn"
+    assert fast_linear.choose_kernel(w.float(), 8) == "mkl" or not fast_linear.mkl_works()  # fp32 unchanged
+
+
+def test_compiled_bf16_step_autotunes_amx_kernels_only_on_an_amx_cpu(monkeypatch):
+    from glassmind.infer import engine
+
+    model = torch.nn.Linear(4, 4)
+    monkeypatch.setattr(engine, "cpu_has_amx_bf16", lambda: True)
+    assert engine.compile_options(model.bfloat16()).get("max_autotune") is True
+    assert "max_autotune" not in engine.compile_options(model.float())  # fp32: the shorter compile, measured
+    monkeypatch.setattr(engine, "cpu_has_amx_bf16", lambda: False)
+    options = engine.compile_options(model.bfloat16())
+    assert "max_autotune" not in options and options["freezing"] and options["cpp_wrapper"]
+
+
+def test_cpu_has_amx_bf16_needs_the_flag_and_native_bf16(monkeypatch):
+    monkeypatch.setattr(common, "cpu_facts", lambda: facts())
+    monkeypatch.setattr(common, "cpu_bf16_support", lambda: NATIVE)
+    assert common.cpu_has_amx_bf16()
+    monkeypatch.setattr(common, "cpu_bf16_support", lambda: NOT_NATIVE)  # AMX hidden (ONEDNN_MAX_CPU_ISA)
+    assert not common.cpu_has_amx_bf16()
+    monkeypatch.setattr(common, "cpu_bf16_support", lambda: NATIVE)
+    monkeypatch.setattr(common, "cpu_facts", lambda: facts(flags=AMX - {"amx_bf16", "amx_tile"}))  # AVX512-BF16
+    assert not common.cpu_has_amx_bf16()
+
+
+@pytest.mark.parametrize("support, want", [(NOT_NATIVE, torch.float32), (NATIVE, torch.bfloat16)])
+def test_generate_and_chat_default_to_auto_and_load_the_model_in_its_dtype(tmp_path, monkeypatch, support, want):
+    from glassmind.infer.chat import ChatConfig
+    from glassmind.infer.cli import GenerateConfig, load_run
+    from glassmind.model import ModelConfig, Transformer
+    from glassmind.tokenizer.bpe import BPETokenizer
+
+    assert GenerateConfig().dtype == ChatConfig().dtype == "auto"
+    BPETokenizer([], special_tokens=["<|endoftext|>"]).save(tmp_path)
+    Transformer(ModelConfig(vocab_size=257, context_length=16, d_model=16, n_heads=2, n_layers=1)).save(tmp_path)
+    monkeypatch.setattr(common, "cpu_bf16_support", lambda: support)
+    model, _ = load_run(tmp_path, device="cpu", dtype="auto")
+    assert {p.dtype for p in model.parameters()} == {want}

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from glassmind.common import GlassmindError, atomic_write_text, run_main
+from glassmind.common import (DTYPE_CHOICES, GlassmindError, atomic_write_text, cpu_summary, dtype_name, pick_device,
+                              resolve_dtype, run_main)
 
 SAMPLES = [
     "def fibonacci(n):",
@@ -88,13 +89,14 @@ def greedy_sample(model, tok, prompt: str = "", *, max_new_tokens: int = 60) -> 
 
 DEMO_BUDGETS = {
     # name: (decoder settings, encoder and encoder-decoder settings). "small" is the demo's: ~2.5M tokens for
-    # the decoder (2-3 minutes at the ~18k tokens/s an idle 2-core CPU gives this size under bf16 autocast;
-    # far slower on a loaded machine), ~300k for each of the others. Small batches and a high lr: more
+    # the decoder (2-3 minutes at the ~18k tokens/s an idle 2-core AMX CPU gives this size under bf16 autocast;
+    # far slower on a loaded machine), ~300k for each of the others. dtype "auto": bf16 only where the machine
+    # computes it natively (common.resolve_dtype), fp32 elsewhere. Small batches and a high lr: more
     # updates from few tokens.
     "small": (dict(depth=2, context=128, micro_batch=16, batch_tokens=2048, steps=1200, eval_every=200, lr=4e-3,
-                   val_fraction=0.02, dtype="bf16"),
+                   val_fraction=0.02, dtype="auto"),
               dict(depth=2, context=64, micro_batch=16, batch_tokens=1024, steps=300, eval_every=100, lr=4e-3,
-                   val_fraction=0.05, dtype="bf16")),
+                   val_fraction=0.05, dtype="auto")),
     "tiny": (dict(depth=1, context=32, micro_batch=4, batch_tokens=256, steps=6, eval_every=3,
                   max_bytes=300_000, val_fraction=0.25, eval_batches=2, threads=1, progress=False),
              dict(depth=1, context=32, micro_batch=4, batch_tokens=256, steps=4, eval_every=2,
@@ -102,13 +104,15 @@ DEMO_BUDGETS = {
 }
 
 
-def pretrain_stage(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, budget: str = "small") -> dict:
+def pretrain_stage(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, budget: str = "small",
+                   dtype: str = "auto") -> dict:
     """The demo's pre-training stage: a small decoder (causal LM), a tiny encoder (masked LM) and a tiny
     encoder-decoder (span corruption) with the demo's BPE tokenizer (the encoder uses it RoBERTa-style, with an
     added <|mask|>). Data: the standard library's top-level modules, the part of the built-in corpus that is
     ordinary code (its packages open with codec tables and test data, poor teachers for a few minutes of
     training). Returns, per family, the validation loss before and after, and a greedy sample from the
-    decoder (a model this small repeats itself under greedy decoding; the loss drop is the point)."""
+    decoder (a model this small repeats itself under greedy decoding; the loss drop is the point). `dtype`:
+    the compute dtype of all three (auto: what this machine computes fast, see common.resolve_dtype)."""
     from glassmind import tokenizer as tok_lib
     from glassmind.model import load_model
     from glassmind.recipes.pretrain import CONFIG_FILE, PretrainConfig, pretrain
@@ -127,26 +131,26 @@ def pretrain_stage(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
             from glassmind.data.tasks import write_world_corpus
 
             data.append(str(write_world_corpus(out_dir / "world.txt", repeats=80)))
-        kw = {"data": data, **kw}
+        kw = {"data": data, **kw, "dtype": dtype}
         cfg = PretrainConfig(out=str(run), arch=arch, tokenizer=str(tokenizer_dir), ckpt_every=0, keep_last=1,
                              resume=(run / CONFIG_FILE).exists(), **kw)
         summary = pretrain(cfg)
         results[arch] = {"run": str(run), "val_loss_before": summary["val_loss_start"],
                          "val_loss_after": summary["val_loss"], "parameters": summary["parameters"],
-                         "tokens": summary["tokens"], "seconds": summary["seconds"]}
+                         "tokens": summary["tokens"], "seconds": summary["seconds"], "dtype": summary["dtype"]}
     dec_run = out_dir / "pretrain-decoder"
     results["decoder"]["sample"] = greedy_sample(load_model(dec_run), tok_lib.load(dec_run), "def __init__(self")
     return results
 
 
-def stage_pretrain(out: Path, budget: str) -> dict:
+def stage_pretrain(out: Path, budget: str, dtype: str = "auto") -> dict:
     """A small decoder, encoder and encoder-decoder, each with its self-supervised objective."""
-    results = pretrain_stage(out, out / "tokenizer-bpe", budget=budget)
-    print("\n| family | objective | parameters | tokens | val loss before | val loss after | seconds |")
-    print("|---|---|---|---|---|---|---|")
+    results = pretrain_stage(out, out / "tokenizer-bpe", budget=budget, dtype=dtype)
+    print("\n| family | objective | dtype | parameters | tokens | val loss before | val loss after | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
     objectives = {"decoder": "causal LM", "encoder": "masked LM", "encoder-decoder": "span corruption"}
     for arch, r in results.items():
-        print(f"| {arch} | {objectives[arch]} | {r['parameters']:,} | {r['tokens']:,} | "
+        print(f"| {arch} | {objectives[arch]} | {r['dtype']} | {r['parameters']:,} | {r['tokens']:,} | "
               f"{r['val_loss_before']:.3f} | {r['val_loss_after']:.3f} | {r['seconds']:.0f} |")
     print(f"\ndecoder sample (greedy): {results['decoder']['sample']!r}")
     return results
@@ -220,17 +224,23 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary size (default 4096)")
     p.add_argument("--budget", choices=("small", "tiny"), default="small",
                    help="training budget: small (the demo, minutes) or tiny (seconds: a smoke test)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="pre-training compute dtype (default auto: bf16 where this machine computes it natively, "
+                        "else fp32)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    summary: dict = {}
+    # said once, up front: a demo that crawls is most often bf16 on a CPU that emulates it (issue 13)
+    dtype, reason = resolve_dtype(args.dtype, pick_device("auto"))
+    print(f"CPU: {cpu_summary()}; pre-training in {dtype_name(dtype)}", flush=True)
+    summary: dict = {"cpu": cpu_summary(), "dtype": dtype_name(dtype), "dtype_reason": reason}
 
     banner("1. Tokenizers: byte-level BPE and WordPiece on the built-in corpus")
     summary["tokenizers"] = stage_tokenizers(out, int(args.corpus_mb * 1e6), args.vocab_size)
 
     banner("2. Pre-training: decoder (causal LM), encoder (masked LM), encoder-decoder (span corruption)")
-    summary["pretrain"] = stage_pretrain(out, args.budget)
+    summary["pretrain"] = stage_pretrain(out, args.budget, args.dtype)
 
     banner("3. Inference: prefill + KV cache decode under each strategy (metrics per request)")
     summary["generate"] = stage_generate(out)

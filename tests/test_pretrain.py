@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = dict(arch="decoder", data=["data.jsonl"], tokenizer="tok", shards_dir="shards", d_model=32, n_heads=2,
             n_layers=2, context=32, micro_batch=4, batch_tokens=256, steps=30, warmup_steps=4, eval_every=10,
             eval_batches=2, ckpt_every=5, keep_last=2, peak_flops=1e10, val_fraction=0.1, progress=False,
-            threads=1, seed=7)
+            threads=1, seed=7, dtype="fp32")  # fp32, not auto: the same numbers on every CPU
 
 
 def generated_corpus(n_docs=300):

@@ -44,7 +44,8 @@ class ChatConfig:
     repetition_penalty: float = field(default=1.1, metadata={"help": "> 1 discourages repeats (1 = off)"})
     seed: Optional[int] = field(default=None, metadata={"help": "seed for reproducible replies"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | mps"})
-    dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16 | fp16"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 where this machine computes it natively, "
+                                                         "else fp32) | fp32 | bf16 | fp16"})
     compile: bool = field(default=False, metadata={"help": "compile the decode step (torch.compile): a slow "
                                                            "first reply, faster tokens after"})
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from glassmind.common import GlassmindError
+from glassmind.common import GlassmindError, cpu_has_amx_bf16
 from glassmind.infer.batch import DecoderBatch, Session
 from glassmind.infer.kv_cache import StaticKVCache
 
@@ -64,6 +64,24 @@ class CompiledDecoderBatch(DecoderBatch):
         self.rows = index if self.rows is None else self.rows.index_select(0, index)
 
 
+def compile_options(model: nn.Module) -> dict[str, Any]:
+    """inductor options for CompiledStep: freezing and the C++ wrapper always, the AMX-tuned extras only
+    for a bf16 model on a CPU whose torch computes bf16 natively with AMX."""
+    # bf16 only (measured per step, one thread, batch 1 / 8): concat_linear turns q, k, v into one product
+    # (-10% / -10%: oneDNN's fixed cost per call dominates such small products) and max-autotune with
+    # inductor's C++ GEMM template replaces oneDNN's calls with generated AMX kernels (a further -34% /
+    # -31%), at ~30 s more compilation per batch size. In fp32 neither helps (concat: +15% at batch 8 with
+    # MKL; autotune: +-2%), so fp32 keeps the shorter compile. Those bf16 numbers are AMX numbers: a CPU
+    # whose torch has no native bf16 (AVX2; AMX hidden) keeps the plain compile too (cpu_has_amx_bf16).
+    options: dict[str, Any] = {"freezing": True, "cpp_wrapper": True}
+    weight = next(model.parameters())
+    if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and cpu_has_amx_bf16():
+        options.update({"cpp.enable_concat_linear": True, "max_autotune": True,
+                        "max_autotune_gemm_backends": "CPP,ATEN",
+                        "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False})
+    return options
+
+
 _generations = itertools.count()  # weight snapshots of compiled steps, unique in the process
 
 
@@ -99,16 +117,7 @@ class CompiledStep:
             cache = StaticKVCache(k, v, slot, mask.shape[-1])
             return model.next_token_logits(tokens, positions=positions, attention_mask=mask, cache=cache).float()
 
-        # bf16 only (measured per step, one thread, batch 1 / 8): concat_linear turns q, k, v into one product
-        # (-10% / -10%: oneDNN's fixed cost per call dominates such small products) and max-autotune with
-        # inductor's C++ GEMM template replaces oneDNN's calls with generated AMX kernels (a further -34% /
-        # -31%), at ~30 s more compilation per batch size. In fp32 neither helps (concat: +15% at batch 8 with
-        # MKL; autotune: +-2%), so fp32 keeps the shorter compile.
-        options: dict[str, Any] = {"freezing": True, "cpp_wrapper": True}
-        if next(model.parameters()).dtype == torch.bfloat16:
-            options.update({"cpp.enable_concat_linear": True, "max_autotune": True,
-                            "max_autotune_gemm_backends": "CPP,ATEN",
-                            "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False})
+        options = compile_options(model)
         self.fn = torch.compile(step, fullgraph=True, dynamic=False, options=options)
 
     def refresh(self) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional  # Optional: common._flag_type does not parse `int | None`
 
 
-from glassmind.common import GlassmindError, add_config_args, config_from_args, parse_dtype, pick_device, run_main
+from glassmind.common import GlassmindError, add_config_args, config_from_args, pick_device, resolve_dtype, run_main
 from glassmind.infer.detok import Detokenizer
 from glassmind.infer.engine import Engine, GenerationResult
 from glassmind.infer.sampling import STRATEGIES, SamplingParams
@@ -44,7 +44,8 @@ class GenerateConfig:
     stats: bool = field(default=False, metadata={"help": "print latency metrics and per-token probabilities"})
     top_logprobs: int = field(default=3, metadata={"help": "with --stats: alternatives shown per token"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | mps"})
-    dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16 | fp16"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 where this machine computes it natively, "
+                                                         "else fp32) | fp32 | bf16 | fp16"})
     compile: bool = field(default=False, metadata={"help": "compile the decode step (torch.compile): the first "
                                                            "generation takes longer, each token less"})
 
@@ -59,7 +60,8 @@ def sampling_params(cfg: Any, eos: tuple[int, ...]) -> SamplingParams:
 
 
 def load_run(run: str | Path, *, device: str = "auto", dtype: str = "fp32"):
-    """(model, tokenizer) of a run directory, the model on `device` in `dtype`, in eval mode."""
+    """(model, tokenizer) of a run directory, the model on `device` in `dtype` (auto: see
+    common.resolve_dtype), in eval mode."""
     from glassmind import tokenizer as tokenizers
     from glassmind.model import load_model
 
@@ -67,7 +69,8 @@ def load_run(run: str | Path, *, device: str = "auto", dtype: str = "fp32"):
     if not run.is_dir():
         raise GlassmindError(f"run directory {run} does not exist")
     tok = tokenizers.load(run)
-    model = load_model(run, device=pick_device(device)).to(parse_dtype(dtype)).eval()
+    dev = pick_device(device)
+    model = load_model(run, device=dev).to(resolve_dtype(dtype, dev)[0]).eval()
     if tok.vocab_size > model.config.vocab_size:
         raise GlassmindError(f"{run}: the tokenizer has {tok.vocab_size} tokens but the model only "
                              f"{model.config.vocab_size}; they are not from the same run")

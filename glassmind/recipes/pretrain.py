@@ -27,6 +27,7 @@ one-process format, so a run resumes under any layout.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -39,7 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from glassmind.common import (GlassmindError, config_field, is_rank0, pick_device, print0, rank, run_main,
+from glassmind.common import (GlassmindError, config_field, cpu_summary, dtype_name, is_rank0, pick_device, print0,
+                              rank, resolve_dtype, run_main,
                               seed_everything, world_size)
 from glassmind.data import objectives
 from glassmind.data.loader import WindowLoader
@@ -118,8 +120,9 @@ class PretrainConfig(ParallelRunSettings):
     mean_span: float = config_field(3.0, "span corruption: mean span length")
     # precision and device
     device: str = config_field("auto", "auto, cpu, cuda, cuda:1, mps")
-    dtype: str = config_field("fp32", "compute dtype: fp32, bf16 (autocast, CPU or GPU), fp16 (autocast + grad scaler; "
-                            "for GPUs, slow on a CPU)", choices=("fp32", "bf16", "fp16"))
+    dtype: str = config_field("auto", "compute dtype: auto (bf16 where this machine computes it natively: a GPU with bf16, "
+                            "a CPU with AMX or AVX512-BF16; else fp32), fp32, bf16 (autocast, CPU or GPU), fp16 "
+                            "(autocast + grad scaler; for GPUs, slow on a CPU)", choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = config_field(False, "torch.compile the model")
     fused_loss: str = config_field("auto", "compute the output projection and cross-entropy in row chunks without the full "
                                  "fp32 logits (decoder, encoder-decoder; masked LM: the head on chosen positions "
@@ -192,6 +195,18 @@ def data_parallel_size(cfg: PretrainConfig) -> int:
 # ======================================================================================================
 # 2. Setup: device, precision, determinism, run directory
 # ======================================================================================================
+
+
+def resolve_config_dtype(cfg: PretrainConfig) -> tuple[PretrainConfig, str]:
+    """`--dtype auto` -> the dtype this machine computes fast (common.resolve_dtype), written into the config
+    so that pretrain.json and the card say what ran. A resumed run keeps the dtype it started with."""
+    if cfg.dtype == "auto" and cfg.resume and (Path(cfg.out) / CONFIG_FILE).exists():
+        saved = json.loads((Path(cfg.out) / CONFIG_FILE).read_text(encoding="utf-8"))
+        if saved.get("dtype", "auto") != "auto":
+            return (dataclasses.replace(cfg, dtype=saved["dtype"]),
+                    saved.get("dtype_reason", f"dtype auto -> {saved['dtype']}: the resumed run's"))
+    dtype, reason = resolve_dtype(cfg.dtype, pick_device(cfg.device))
+    return dataclasses.replace(cfg, dtype=dtype_name(dtype)), reason
 
 
 def setup_device(cfg: PretrainConfig) -> tuple[torch.device, torch.dtype]:
@@ -472,6 +487,7 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
 
     t_start = time.perf_counter()
     # -- 2. setup ------------------------------------------------------------------------------------------
+    cfg, dtype_reason = resolve_config_dtype(cfg)  # `auto` -> fp32 or bf16, before anything reads cfg.dtype
     check_config(cfg)
     spec, mesh = join(cfg.parallel, pick_device(cfg.device).type, mp=cfg.dtype)  # None: one process
     dp_rank, dp_size = mesh_coordinate(mesh, "dp")
@@ -488,7 +504,7 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
     shards = build_shards(tok, cfg.data, root=cfg.shards_dir, val_fraction=cfg.val_fraction,
                           max_bytes=cfg.max_bytes, progress=cfg.progress and is_rank0())
     train_loader, val_loader = make_loaders(cfg, shards, rank=dp_rank, world=dp_size)
-    run.start()  # every check passed: only now does the run directory get written
+    run.start(extra={"dtype_reason": dtype_reason})  # every check passed: only now does the run directory get written
     if is_rank0():
         tok.save(out)
     bytes_per_token = shards.bytes_per_token("val")
@@ -626,7 +642,7 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
     train_rows = [r for r in log.rows() if "loss" in r and r.get("split") != "val" and "event" not in r]
     median_speed = float(np.median(speeds)) if speeds else float("nan")
     summary = {
-        "run": str(out), "arch": cfg.arch, "parameters": n_params, "steps": step,
+        "run": str(out), "arch": cfg.arch, "dtype": cfg.dtype, "parameters": n_params, "steps": step,
         "tokens": step * cfg.batch_tokens,
         "train_loss": train_rows[-1]["loss"] if train_rows else last_loss,
         "val_loss_start": first_val["val_loss"], "val_loss": final_val["val_loss"],
@@ -640,9 +656,10 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
         out, title=f"{out.name}: pre-trained {cfg.arch}",
         what=(f"Pre-trained a {n_params:,}-parameter {cfg.arch} with {objective} for {step} steps "
               f"({step * cfg.batch_tokens:,} tokens) on {', '.join(cfg.data) if cfg.data else 'the built-in corpus'}"
-              f", {cfg.dtype} on {device.type}."),
+              f", {cfg.dtype} on {device.type} ({dtype_reason}; {cpu_summary() if device.type == 'cpu' else device})."),
         parent=cfg.init_from or (f"tokenizer from {cfg.tokenizer}" if cfg.tokenizer else None),
-        numbers={k: v for k, v in summary.items() if k not in ("run", "arch")}, config=dataclasses.asdict(cfg),
+        numbers={k: v for k, v in summary.items() if k not in ("run", "arch")},
+        config={**dataclasses.asdict(cfg), "dtype_reason": dtype_reason},
         plots=["loss.png"])
     print0(f"done: val loss {summary['val_loss_start']:.4f} -> {summary['val_loss']:.4f} "
            f"(ppl {summary['val_ppl']:.1f}, {summary['val_bpb']:.3f} bits/byte), {out}")

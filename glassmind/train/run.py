@@ -180,14 +180,14 @@ class Run:
         self.log = metrics.MetricsLog(self.out)
         self.last_checkpoint: Path | None = None
 
-    def start(self) -> Path:
-        """Write the settings: call it once every check that can refuse the run has passed, so a refused run
-        leaves nothing behind. Every rank checks before rank 0 writes (no rank may meet a new settings file
-        while it still checks for an existing run)."""
+    def start(self, extra: dict | None = None) -> Path:
+        """Write the settings (and `extra` facts beside them, e.g. why a dtype was chosen): call it once every
+        check that can refuse the run has passed, so a refused run leaves nothing behind. Every rank checks
+        before rank 0 writes (no rank may meet a new settings file while it still checks for an existing run)."""
         _barrier()
         if is_rank0():
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.out / self.settings_file, dataclasses.asdict(self.cfg))
+            atomic_write_json(self.out / self.settings_file, {**dataclasses.asdict(self.cfg), **(extra or {})})
         _barrier()
         return self.out
 

@@ -125,6 +125,7 @@ async function send(text) {
         const span = el("span", "tok", text);
         span.style.background = shade(Math.exp(lp.logprob));
         span.dataset.index = String(index);
+        span.addEventListener("mouseenter", (ev) => showTip(ev, lp));
         span.addEventListener("mousemove", (ev) => showTip(ev, lp));
         span.addEventListener("mouseleave", () => { $("tooltip").hidden = true; });
         span.addEventListener("click", () => openAutopsy(model, reply, index, lp, span));

@@ -274,13 +274,18 @@ def create_app(served: list[Served], *, api_key: str | None = None, preferences:
 
     async def events(request: Request, s: Served, req: SchedRequest) -> AsyncIterator:
         """The request's events until its end; a client gone away cancels it (its rows leave the batch)."""
+        checked = time.perf_counter()
         while True:
             try:
                 ev = await asyncio.wait_for(req.events.get(), 0.25)
             except asyncio.TimeoutError:
+                ev = False
+            if time.perf_counter() - checked >= 0.25:   # by the clock: events may keep coming for minutes
+                checked = time.perf_counter()
                 if await request.is_disconnected():
                     s.scheduler.cancel(req)
                     return
+            if ev is False:
                 continue
             if ev is None:
                 if req.error:

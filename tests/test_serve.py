@@ -381,7 +381,7 @@ def test_metrics_count_what_was_served_under_the_documented_names(live):
     assert after[f"glassmind_time_to_first_token_seconds_count{m}"] - \
         before[f"glassmind_time_to_first_token_seconds_count{m}"] == 1
     assert after[f"glassmind_inter_token_latency_seconds_count{m}"] - \
-        before[f"glassmind_inter_token_latency_seconds_count{m}"] == 13   # 14 tokens, the first has no gap
+        before[f"glassmind_inter_token_latency_seconds_count{m}"] == 6   # 7 steps of 2 rows: 6 gaps
     assert after[f'glassmind_requests_total{{model="tiny",status="ok"}}'] - \
         before[f'glassmind_requests_total{{model="tiny",status="ok"}}'] == 1
     assert live.http.get("/health").json() == {"status": "ok"}

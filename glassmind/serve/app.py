@@ -272,26 +272,40 @@ def create_app(served: list[Served], *, api_key: str | None = None, preferences:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await complete(request, s, p, req, rid, prompt_tokens, prompts)
 
-    async def events(request: Request, s: Served, req: SchedRequest) -> AsyncIterator:
-        """The request's events until its end; a client gone away cancels it (its rows leave the batch)."""
+    async def batches(request: Request, s: Served, req: SchedRequest) -> AsyncIterator[list]:
+        """The request's events, in the lists the scheduler hands over (one per decode step), until its end;
+        a client gone away cancels it (its rows leave the batch before the next step)."""
         checked = time.perf_counter()
         while True:
             try:
-                ev = await asyncio.wait_for(req.events.get(), 0.25)
-            except asyncio.TimeoutError:
-                ev = False
+                items = req.events.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    items = await asyncio.wait_for(req.events.get(), 0.25)
+                except asyncio.TimeoutError:
+                    items = None
             if time.perf_counter() - checked >= 0.25:   # by the clock: events may keep coming for minutes
                 checked = time.perf_counter()
                 if await request.is_disconnected():
                     s.scheduler.cancel(req)
                     return
-            if ev is False:
+            if items is None:
                 continue
-            if ev is None:
-                if req.error:
-                    raise ApiError(500, req.error, type="server_error")
-                return
-            yield ev
+            batch = []
+            for ev in items:
+                if ev is None:
+                    if batch:
+                        yield batch
+                    if req.error:
+                        raise ApiError(500, req.error, type="server_error")
+                    return
+                batch.append(ev)
+            yield batch
+
+    async def events(request: Request, s: Served, req: SchedRequest) -> AsyncIterator:
+        async for batch in batches(request, s, req):
+            for ev in batch:
+                yield ev
 
     async def complete(request, s: Served, p: Parsed, req, rid, prompt_tokens, prompts):
         n_choices = len(req.rows)
@@ -363,23 +377,26 @@ def create_app(served: list[Served], *, api_key: str | None = None, preferences:
                     if p.return_token_ids:
                         first["prompt_token_ids"] = req.rows[i].prompt
                     yield sse(chunk(first))
-            async for ev in events(request, s, req):
-                generated += 1
-                if p.kind == "chat":
-                    c: dict[str, Any] = {"index": ev.index, "delta": {"content": ev.text} if ev.text else {},
-                                         "logprobs": None, "finish_reason": ev.finish_reason}
-                    if p.logprobs is not None:
-                        c["logprobs"] = {"content": [chat_lp(s, ev.token, ev.logprob, ev.top_logprobs)]}
-                else:
-                    c = {"index": ev.index, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
-                    if p.logprobs is not None:
-                        c["logprobs"] = legacy_lp(s, [ev], offsets[ev.index])
-                    offsets[ev.index] += len(ev.text)
-                if p.return_token_ids:
-                    c["token_ids"] = [ev.token]
-                yield sse(chunk(c))
-                if ev.finish_reason:
-                    finished += 1
+            async for batch in batches(request, s, req):
+                out = []
+                for ev in batch:
+                    generated += 1
+                    if p.kind == "chat":
+                        c: dict[str, Any] = {"index": ev.index, "delta": {"content": ev.text} if ev.text else {},
+                                             "logprobs": None, "finish_reason": ev.finish_reason}
+                        if p.logprobs is not None:
+                            c["logprobs"] = {"content": [chat_lp(s, ev.token, ev.logprob, ev.top_logprobs)]}
+                    else:
+                        c = {"index": ev.index, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
+                        if p.logprobs is not None:
+                            c["logprobs"] = legacy_lp(s, [ev], offsets[ev.index])
+                        offsets[ev.index] += len(ev.text)
+                    if p.return_token_ids:
+                        c["token_ids"] = [ev.token]
+                    out.append(sse(chunk(c)))
+                    if ev.finish_reason:
+                        finished += 1
+                yield b"".join(out)   # one write per decode step
             if finished < len(req.rows):
                 return  # cancelled: the client is gone
             if p.include_usage:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -64,6 +65,10 @@ def build(runs: list[str], cfg: ServeConfig):
         import torch
 
         torch.set_num_threads(cfg.threads)
+    # Two threads share the interpreter: the scheduler (many short torch calls, each releasing the GIL) and the
+    # event loop. At the default 5 ms switch interval the event loop may keep the GIL for 5 ms after every
+    # release, so a decode step of ~50 calls would wait far longer than it computes; 0.1 ms bounds that wait.
+    sys.setswitchinterval(1e-4)
     metrics = Metrics()
     served = []
     for run, name in zip(runs, model_names(runs)):

@@ -10,7 +10,7 @@ README's serve section; vLLM's `vllm:*` metrics are the model):
     glassmind_batch_rows                  gauge      rows in the decode batch after the last step
     glassmind_batch_occupancy             histogram  rows / max_batch, per decode step
     glassmind_time_to_first_token_seconds histogram  arrival to first token
-    glassmind_inter_token_latency_seconds histogram  gap between a request's consecutive tokens
+    glassmind_inter_token_latency_seconds histogram  gap between a request's consecutive decode steps
     glassmind_request_queue_time_seconds  histogram  arrival to admission into the batch
     glassmind_e2e_request_latency_seconds histogram  arrival to last token
 """

@@ -95,7 +95,8 @@ _ids = itertools.count()
 
 
 class Request:
-    """What the HTTP side submits. `events` receives Event objects (and finally None) on `loop`."""
+    """What the HTTP side submits. `events` receives, on `loop`, one list of Events per decode step (a None in
+    it ends the request)."""
 
     def __init__(self, rows: list[RowSpec], params: SamplingParams, max_new: list[int], *, stops=(),
                  ignore_eos: bool = False, kind: str = "cmpl", loop: asyncio.AbstractEventLoop | None = None):
@@ -113,10 +114,11 @@ class Request:
         self.generated = 0
         self.error: str | None = None
 
-    def emit(self, ev: Event | None) -> None:
+    def emit(self, evs: list) -> None:
+        """Hand over this step's events (None ends the request)."""
         if self.loop is not None and not self.cancelled:
             try:
-                self.loop.call_soon_threadsafe(self.events.put_nowait, ev)
+                self.loop.call_soon_threadsafe(self.events.put_nowait, evs)
             except RuntimeError:  # the event loop is gone (server shutting down)
                 self.cancelled = True
 
@@ -233,16 +235,16 @@ class Scheduler:
                 traceback.print_exc()
                 for r in self.rows:
                     r.req.error = f"internal error in the scheduler: {type(e).__name__}"
-                    r.req.emit(None)
+                    r.req.emit([None])
                 self.rows = []
                 self.batch = RunningBatch(self.model)
             if self.metrics:
                 self.metrics.waiting(self.name, len(self.waiting))
                 self.metrics.running(self.name, self.running_requests)
         for r in self.rows:
-            r.req.emit(None)
+            r.req.emit([None])
         for req in self.waiting:
-            req.emit(None)
+            req.emit([None])
 
     def _job(self, fn, fut: Future) -> None:
         if not fut.set_running_or_notify_cancel():
@@ -287,6 +289,7 @@ class Scheduler:
         """Hand each row's new token to its request; rows that finished leave the batch."""
         now = time.perf_counter()
         done: list[int] = []
+        out: dict[int, tuple[Request, list]] = {}
         for j, (c, row) in enumerate(zip(picks, rows)):
             req = row.req
             row.n += 1
@@ -296,7 +299,7 @@ class Scheduler:
                 req.first_token = now
                 if self.metrics:
                     self.metrics.ttft(self.name, now - req.arrived)
-            elif self.metrics and req.last_token is not None:
+            elif self.metrics and req.last_token is not None and req.last_token != now:
                 self.metrics.itl(self.name, now - req.last_token)
             req.last_token = now
             reason = None
@@ -309,14 +312,17 @@ class Scheduler:
                 elif row.n >= row.max_new:
                     reason = "length"
                     text += row.stop.push(row.detok.flush())[0] + row.stop.flush()
-            req.emit(Event(row.spec.index, c.token, text, c.logprob, c.top_logprobs, reason))
+            evs = out.setdefault(id(req), (req, []))[1]
+            evs.append(Event(row.spec.index, c.token, text, c.logprob, c.top_logprobs, reason))
             if reason is not None:
                 done.append(offset + j)
                 req.live -= 1
                 if req.live == 0:
-                    req.emit(None)
+                    evs.append(None)
                     if self.metrics:
                         self.metrics.finished(self.name, "ok", e2e=now - req.arrived)
+        for req, evs in out.values():
+            req.emit(evs)
         self.steps += 1
         self.recent.append((now, len(picks)))
         while self.recent and now - self.recent[0][0] > 5.0:

@@ -129,20 +129,34 @@ def _chat(live, seed, max_tokens=24, **kw):
 
 
 def test_the_same_seed_gives_the_same_text_alone_and_beside_7_others_and_other_seeds_differ(live):
+    from glassmind.infer import Engine, SamplingParams
+
     alone = _chat(live, 1234)
-    occ = live.app.state.metrics.hists[("glassmind_batch_occupancy", (("model", "tiny"),))]
-    before = sum(occ.counts[1:])   # steps with more than 1/16 of the batch, i.e. 2+ rows
+    s = live.served["tiny"]
+    [ref] = Engine(s.model).generate([s.fmt.render_prompt(CHAT)], SamplingParams(
+        strategy="sample", seed=1234, temperature=1.0, max_new_tokens=24, eos_token_ids=tuple(s.scheduler.eos)))
+    assert alone == ref.ids          # the engine's own seeded generation of that prompt, to the logprob
+    lps = [t["logprob"] for t in live.http.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": CHAT, "seed": 1234, "temperature": 1.0, "max_tokens": 24,
+        "logprobs": True}).json()["choices"][0]["logprobs"]["content"]]
+    assert lps == pytest.approx(ref.logprobs, abs=1e-5)
     results: dict[int, list[int]] = {}
 
-    def client(i):   # the seeded request and 7 others with other seeds and lengths, all at once
-        results[i] = _chat(live, 1234 if i == 0 else 99 + i, max_tokens=24 + 3 * i)
+    def client(i):   # 7 others with other seeds and lengths, then the seeded request joins their batch
+        results[i] = _chat(live, 1234 if i == 0 else 99 + i, max_tokens=24 if i == 0 else 60, ignore_eos=i > 0)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(1, 8)]
     for t in threads:
         t.start()
-    for t in threads:
+    t0 = time.time()
+    while len(s.scheduler.rows) < 3 and time.time() - t0 < 10:
+        time.sleep(0.001)
+    seeded = threading.Thread(target=client, args=(0,))
+    seeded.start()
+    for t in [seeded, *threads]:
         t.join()
-    assert sum(occ.counts[1:]) > before, "the 8 requests never shared a decode step"
+    occ = live.app.state.metrics.hists[("glassmind_batch_occupancy", (("model", "tiny"),))]
+    assert sum(occ.counts[2:]) > 0, "the requests never shared a decode step"
     assert results[0] == alone
     assert len({tuple(v[:24]) for v in results.values()}) == 8, "different seeds gave the same text"
 

@@ -69,18 +69,19 @@ def run_staggered(model, reqs, arrivals, max_new):
 @pytest.mark.parametrize("kw", [dict(positional="learned"), dict(positional="rope", n_kv_heads=2)])
 def test_rows_joining_and_leaving_a_running_batch_generate_what_each_prompt_generates_alone(kw):
     model = tiny(**kw)
-    ps = prompts(7, 2, 14)
+    ps = prompts(8, 2, 14)
     settings = [SamplingParams(max_new_tokens=1),  # greedy
                 SamplingParams(strategy="sample", seed=3, temperature=0.8),
                 SamplingParams(strategy="sample", seed=11, top_k=5),
                 SamplingParams(strategy="sample", seed=5, top_p=0.7, repetition_penalty=1.3),
                 SamplingParams(repetition_penalty=1.5),
                 SamplingParams(strategy="sample", seed=2, min_p=0.1),
-                SamplingParams(strategy="sample", temperature=0, seed=9)]
+                SamplingParams(strategy="sample", temperature=0, seed=9),
+                SamplingParams(strategy="sample", seed=4, temperature=0.8)]   # row 1's settings, another seed
     # long prompts joining late force the running rows to move right; 24 steps in a 40-slot cache of rows
     # that keep joining force the cut of unused leading columns
-    arrivals = [0, 0, 3, 5, 6, 12, 13]
-    max_new = [20, 15, 9, 25, 12, 14, 26]
+    arrivals = [0, 0, 3, 5, 6, 12, 13, 0]
+    max_new = [20, 15, 9, 25, 12, 14, 26, 18]
     reqs = list(zip(ps, settings))
     got, got_lp = run_staggered(model, reqs, arrivals, max_new)
     engine = Engine(model, packed=False)

@@ -197,11 +197,20 @@ def choose(logits: torch.Tensor, samplers: list[RowSampler]) -> list[Choice]:
     if plain:  # the common case, one vectorised argmax (the first maximum, as Engine's greedy)
         idx = torch.tensor(plain, device=logits.device)
         toks[idx] = logits.index_select(0, idx).max(-1).indices
+    groups: dict[tuple, list[int]] = {}   # sampled rows without a penalty, by their processors' settings
     for r, s in enumerate(samplers):
         if s.greedy and s.seen is None:
             continue
-        scores = process(logits[r: r + 1], s.params, s.seen)
-        toks[r] = scores.max(-1).indices[0] if s.greedy else sample(scores, [s.gen])[0]
+        if s.greedy or s.seen is not None:   # a penalty reads the row's own history: one row at a time
+            scores = process(logits[r: r + 1], s.params, s.seen)
+            toks[r] = scores.max(-1).indices[0] if s.greedy else sample(scores, [s.gen])[0]
+            continue
+        p = s.params
+        groups.setdefault((p.temperature, p.top_k, p.top_p, p.min_p), []).append(r)
+    for rows in groups.values():  # one pass of the processors per group; each row draws with its generator
+        idx = torch.tensor(rows, device=logits.device)
+        scores = process(logits.index_select(0, idx), samplers[rows[0]].params)
+        toks[idx] = sample(scores, [samplers[r].gen for r in rows])
     lps = raw.gather(-1, toks[:, None])[:, 0].tolist()
     N = max((s.params.top_logprobs for s in samplers), default=0)
     tops: list[list[tuple[int, float]]] = [[] for _ in range(B)]

@@ -275,32 +275,34 @@ def create_app(served: list[Served], *, api_key: str | None = None, preferences:
     async def batches(request: Request, s: Served, req: SchedRequest) -> AsyncIterator[list]:
         """The request's events, in the lists the scheduler hands over (one per decode step), until its end;
         a client gone away cancels it (its rows leave the batch before the next step)."""
-        checked = time.perf_counter()
-        while True:
-            try:
-                items = req.events.get_nowait()
-            except asyncio.QueueEmpty:
-                try:
-                    items = await asyncio.wait_for(req.events.get(), 0.25)
-                except asyncio.TimeoutError:
-                    items = None
-            if time.perf_counter() - checked >= 0.25:   # by the clock: events may keep coming for minutes
-                checked = time.perf_counter()
+        gone = object()
+
+        async def watch():   # one sleeping task per request, not a timeout per step
+            while True:
+                await asyncio.sleep(0.25)
                 if await request.is_disconnected():
                     s.scheduler.cancel(req)
+                    req.events.put_nowait(gone)
                     return
-            if items is None:
-                continue
-            batch = []
-            for ev in items:
-                if ev is None:
-                    if batch:
-                        yield batch
-                    if req.error:
-                        raise ApiError(500, req.error, type="server_error")
+
+        watcher = asyncio.create_task(watch())
+        try:
+            while True:
+                items = await req.events.get()
+                if items is gone:
                     return
-                batch.append(ev)
-            yield batch
+                batch = []
+                for ev in items:
+                    if ev is None:
+                        if batch:
+                            yield batch
+                        if req.error:
+                            raise ApiError(500, req.error, type="server_error")
+                        return
+                    batch.append(ev)
+                yield batch
+        finally:
+            watcher.cancel()
 
     async def events(request: Request, s: Served, req: SchedRequest) -> AsyncIterator:
         async for batch in batches(request, s, req):

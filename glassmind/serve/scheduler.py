@@ -321,8 +321,6 @@ class Scheduler:
                     evs.append(None)
                     if self.metrics:
                         self.metrics.finished(self.name, "ok", e2e=now - req.arrived)
-        for req, evs in out.values():
-            req.emit(evs)
         self.steps += 1
         self.recent.append((now, len(picks)))
         while self.recent and now - self.recent[0][0] > 5.0:
@@ -330,6 +328,8 @@ class Scheduler:
         if self.metrics:
             self.metrics.generation_tokens(self.name, len(picks))
             self.metrics.occupancy(self.name, len(self.rows), self.max_batch)
+        for req, evs in out.values():   # after the counts: a client that reads /metrics next sees its tokens
+            req.emit(evs)
         if done:
             self.batch.remove(done)
             gone = set(done)

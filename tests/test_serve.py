@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import sys
 import threading
 import time
@@ -396,8 +395,8 @@ def test_metrics_count_what_was_served_under_the_documented_names(live):
         before[f"glassmind_time_to_first_token_seconds_count{m}"] == 1
     assert after[f"glassmind_inter_token_latency_seconds_count{m}"] - \
         before[f"glassmind_inter_token_latency_seconds_count{m}"] == 6   # 7 steps of 2 rows: 6 gaps
-    assert after[f'glassmind_requests_total{{model="tiny",status="ok"}}'] - \
-        before[f'glassmind_requests_total{{model="tiny",status="ok"}}'] == 1
+    assert after['glassmind_requests_total{model="tiny",status="ok"}'] - \
+        before['glassmind_requests_total{model="tiny",status="ok"}'] == 1
     assert live.http.get("/health").json() == {"status": "ok"}
 
 
@@ -520,3 +519,23 @@ def test_32_streaming_clients_a_fifth_disconnecting_get_no_5xx_and_memory_return
     assert grown < 40 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB over a second identical load"
     text = live.http.get("/metrics").text
     assert 'glassmind_requests_total{model="tiny",status="cancelled"}' in text
+
+
+# ----------------------------------------------------------------------------------------------- the verb
+
+
+def test_the_serve_verb_serves_runs_under_their_names_and_refuses_what_it_cannot(tmp_path, capsys):
+    from glassmind.__main__ import main as glassmind
+    from glassmind.serve.cli import ServeConfig, build
+
+    model, tok = tiny_run()
+    for name in ("a/sft", "b/sft", "base"):
+        model.save(tmp_path / name)
+        tok.save(tmp_path / name)
+    app, served = build([str(tmp_path / "a/sft"), str(tmp_path / "b/sft"), str(tmp_path / "base")], ServeConfig())
+    assert [s.name for s in served] == ["a/sft", "b/sft", "base"]
+    assert not any(s.scheduler.thread.is_alive() for s in served)   # they start with the app
+    assert glassmind(["serve", str(tmp_path / "base"), "--compile"]) == 2
+    assert "--compile is not available" in capsys.readouterr().err
+    assert glassmind(["serve", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -169,6 +169,8 @@ class Scheduler:
         if len(req.rows) > self.max_batch:
             raise ValueError(f"{len(req.rows)} choices exceed the batch ({self.max_batch} rows)")
         with self.cv:
+            if len(self.waiting) >= self.max_queue:   # clients that left while waiting hold no place
+                self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull()
             self.waiting.append(req)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_fixture import LiveServer, make_app  # noqa: E402
+from serve_fixture import LiveServer, make_app, tiny_run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -76,7 +76,7 @@ def test_a_browser_chats_hovers_opens_the_autopsy_and_ranks(tmp_path, artifacts,
         fake.autopsy_json = fake_autopsy_json
         monkeypatch.setitem(sys.modules, "glassmind.autopsy", fake)
 
-    app, served = make_app(tmp_path)
+    app, served = make_app(tmp_path, models={"tiny": tiny_run(), "long": tiny_run(context=1024)})
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,900"):
@@ -126,12 +126,14 @@ def test_a_browser_chats_hovers_opens_the_autopsy_and_ranks(tmp_path, artifacts,
             driver.save_screenshot(str(artifacts / "serve-autopsy.png"))
             # rank: sample, order (a tie), submit, and find it in the preference file
             driver.find_element(By.ID, "tab-rank").click()
+            assert not driver.find_element(By.ID, "view-chat").is_displayed()   # one view at a time
+            assert driver.find_element(By.ID, "view-rank").is_displayed()
             driver.find_element(By.ID, "rank-prompt").send_keys("Say hello")
             driver.find_element(By.ID, "rank-sample").click()
             wait.until(lambda d: d.find_element(By.ID, "rank-submit").is_enabled())
             inputs = driver.find_elements(By.CSS_SELECTOR, ".rank-input")
-            shown_replies = [li.find_element(By.TAG_NAME, "span").text for li in
-                             driver.find_elements(By.CSS_SELECTOR, "#rank-replies li")]
+            shown_replies = driver.execute_script("return Array.from(document.querySelectorAll("
+                                                  "'#rank-replies li span'), s => s.textContent)")
             ranks = [1] + [2] * (len(inputs) - 1)
             for box, r in zip(inputs, ranks):
                 box.clear()
@@ -141,10 +143,18 @@ def test_a_browser_chats_hovers_opens_the_autopsy_and_ranks(tmp_path, artifacts,
             driver.save_screenshot(str(artifacts / "serve-rank.png"))
             [record] = [json.loads(x) for x in (tmp_path / "prefs.jsonl").read_text().splitlines()]
             assert record["prompt"] == [{"role": "user", "content": "Say hello"}] and record["ranking"] == ranks
-            assert [r.strip() for r in record["responses"]] == shown_replies
-            # the scheduler view
+            assert record["responses"] == shown_replies
+            # the scheduler view, while a long request decodes
+            import threading
+
+            busy = threading.Thread(target=lambda: httpx.post(srv.url + "/v1/completions", json={
+                "model": "long", "prompt": "a", "max_tokens": 1000, "ignore_eos": True}, timeout=120))
+            busy.start()
             driver.find_element(By.ID, "tab-sched").click()
-            wait.until(lambda d: "slots busy" in d.find_element(By.ID, "sched-summary").text)
+            wait.until(lambda d: "long: 1/16 slots busy" in d.find_element(By.ID, "sched-summary").text)
+            row = driver.find_element(By.CSS_SELECTOR, "#sched-slots tbody tr").text
+            assert row.startswith("long 0 completions-")
             driver.save_screenshot(str(artifacts / "serve-scheduler.png"))
+            busy.join()
         finally:
             driver.quit()

@@ -24,6 +24,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "ppo": ("glassmind.recipes.ppo", "RLHF with PPO against a reward model, KL penalty to the SFT run"),
     "dpo": ("glassmind.recipes.dpo", "direct preference optimisation of an SFT run"),
     "grpo": ("glassmind.recipes.grpo", "group-relative policy optimisation (reward model or verifier)"),
+    "serve": ("glassmind.serve.cli", "serve runs: OpenAI-compatible API, continuous batching, a web page"),
 }
 
 

@@ -315,7 +315,8 @@ def test_a_silent_peer_times_out_instead_of_hanging(errors_run):
     assert result.returncode != 0
     got = json.loads((out / "timeout.json").read_text())
     assert got["outcome"] != "completed"
-    assert 2 < got["seconds"] < 30  # the group's 3 s timeout, not the 30 min default
+    # the group's 3 s timeout, not the 30 min default (1800 s): bounds generous enough for a loaded machine
+    assert 2 < got["seconds"] < 600
 
 
 def test_launcher_kills_a_hung_group(tmp_path):

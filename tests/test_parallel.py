@@ -315,7 +315,9 @@ def test_a_silent_peer_times_out_instead_of_hanging(errors_run):
     assert result.returncode != 0
     got = json.loads((out / "timeout.json").read_text())
     assert got["outcome"] != "completed"
-    assert 2 < got["seconds"] < 30  # the group's 3 s timeout, not the 30 min default
+    # the group's 3 s timeout, not the 30 min default (1800 s); generous for a loaded machine, and under the
+    # launch's own 90 s limit (errors_run), past which nothing would be written
+    assert 2 < got["seconds"] < 85
 
 
 def test_launcher_kills_a_hung_group(tmp_path):

@@ -156,3 +156,130 @@ def test_capture_is_opt_in_and_hooks_leave_no_trace(gpt2):
     with pytest.raises(GlassmindError, match="observed, not edited"):
         with hooked(g, (), {"blocks.0.attn.hook_pattern": lambda t: t}):
             pass
+
+
+# ---------------------------------------------------------------------------- lens (part 2)
+
+
+def piece(i: int) -> str:
+    return str(i)
+
+
+def test_gpt2_logit_lens_equals_hand_computation_from_hidden_states(gpt2):
+    from glassmind.autopsy.lens import logit_lens
+
+    g, h, ids, ref = gpt2
+    _, cache = run_with_cache(g, ids)
+    target, T = 7, ids.shape[1]
+    grid = logit_lens(g, cache, range(T), target, 3, piece)
+    L = g.config.n_layers
+    assert len(grid) == L + 1
+    with torch.no_grad():
+        for l in range(L + 1):
+            logits = ref.logits[0] if l == L else h.lm_head(h.transformer.ln_f(ref.hidden_states[l][0]))  # (T, V)
+            p = logits.softmax(-1)
+            for t in range(T):
+                cell = grid[l][t]
+                assert abs(cell["target_prob"] - float(p[t, target])) < TOL
+                assert cell["top"][0][0] == str(int(p[t].argmax()))
+                assert cell["target_rank"] == int((p[t] > p[t, target]).sum()) + 1
+                kl = float((ref.logits[0, t].softmax(-1) * (ref.logits[0, t].log_softmax(-1)
+                                                            - logits[t].log_softmax(-1))).sum())
+                assert abs(cell["kl_to_final"] - max(kl, 0.0)) < 1e-4
+    assert all(abs(c["kl_to_final"]) < 1e-5 for c in grid[L])
+
+
+def test_bert_logit_lens_equals_the_mlm_head_on_each_hidden_state(bert):
+    from glassmind.autopsy.lens import logit_lens
+
+    g, h, ids, ref = bert
+    _, cache = run_with_cache(g, ids)
+    grid = logit_lens(g, cache, range(ids.shape[1]), 5, 3, piece)
+    with torch.no_grad():
+        for l, hs in enumerate(ref.hidden_states):
+            p = h.cls(hs[0]).softmax(-1)
+            for t in range(ids.shape[1]):
+                assert abs(grid[l][t]["target_prob"] - float(p[t, 5])) < TOL
+
+
+# ------------------------------------------------------------------- attribution, ablation, patching (3)
+
+
+def test_gpt2_direct_attributions_plus_rest_equal_the_target_logit(gpt2):
+    from glassmind.autopsy.causal import decompose_final_hidden, direct_logit_attribution
+
+    g, h, ids, ref = gpt2
+    _, cache = run_with_cache(g, ids)
+    for pos, target in ((9, 3), (4, 50)):
+        dla = direct_logit_attribution(g, cache, pos, target)
+        assert dla["exact"] and len(dla["components"]) == 1 + 3 * (4 + 1)
+        total = sum(v for _, v in dla["components"]) + dla["rest"]
+        assert abs(total - float(ref.logits[0, pos, target])) < 1e-4
+        # the rest is ln_f's offset plus the attention biases through ln_f with its scale frozen: by hand
+        x = cache["blocks.2.hook_resid_post"][0, pos]
+        ln = h.transformer.ln_f
+        s = torch.sqrt(x.var(unbiased=False) + ln.eps)
+        b = sum(blk.attn.c_proj.bias for blk in h.transformer.h)
+        hand_rest = ln.weight * (b - b.mean()) / s + ln.bias
+        assert close(dla["rest_vector"], hand_rest) < TOL
+        parts, rest = decompose_final_hidden(g, cache, pos)
+        assert close(sum(parts.values()) + rest, ref.hidden_states[3][0, pos]) < TOL
+
+
+def test_post_norm_decomposition_rebuilds_bert_and_bart_final_states(bert, bart):
+    from glassmind.autopsy.causal import decompose_final_hidden, direct_logit_attribution
+
+    g, h, ids, ref = bert
+    _, cache = run_with_cache(g, ids)
+    parts, rest = decompose_final_hidden(g, cache, 4)
+    assert close(sum(parts.values()) + rest, ref.hidden_states[-1][0, 4]) < TOL
+    g, h, (src, tgt), ref = bart
+    _, cache = run_with_cache(g, src, tgt)
+    dla = direct_logit_attribution(g, cache, 5, 17)
+    assert dla["exact"] and any(k == "L1.X3" for k, _ in dla["components"])
+    assert abs(sum(v for _, v in dla["components"]) + dla["rest"] - float(ref.logits[0, 5, 17])) < 1e-4
+
+
+def test_ablating_nothing_and_patching_a_run_into_itself_change_nothing(gpt2, bart):
+    from glassmind.autopsy.causal import component_names, patch
+    from glassmind.autopsy.hooks import EDITABLE_SUFFIXES, hooked, forward
+
+    g, h, ids, ref = gpt2
+    identity = {n: (lambda t: t) for n in all_names(g) if n.endswith(EDITABLE_SUFFIXES)}
+    with hooked(g, None, identity):
+        assert torch.equal(forward(g, ids), g(ids))
+    one = ids[:1]
+    for row in patch(g, one, one, None, 9, 3, component_names(g) + ["P0", "P5"]):
+        assert row["logprob_patched"] == row["logprob_clean"]
+    g, h, (src, tgt), ref = bart
+    for row in patch(g, src[:1], src[:1], tgt[:1], 4, 11, ["L0.H1", "L1.X2", "L1.FFN"]):
+        assert row["logprob_patched"] == row["logprob_clean"]
+
+
+def test_zero_ablating_a_head_equals_transformers_with_that_heads_output_rows_zeroed(gpt2):
+    """An outside reference for ablation: zeroing head h's z equals zeroing the rows of GPT-2's c_proj that
+    read head h (Conv1D weight is (in, out))."""
+    import copy
+
+    from glassmind.autopsy.causal import ablate
+
+    g, h, ids, ref = gpt2
+    one = ids[:1]
+    row = ablate(g, one, None, 8, 21, ["L1.H2"], mode="zero")[0]
+    h2 = copy.deepcopy(h)
+    with torch.no_grad():
+        h2.transformer.h[1].attn.c_proj.weight[2 * 8:3 * 8] = 0
+        want = float(h2(one).logits[0, 8].log_softmax(-1)[21])
+    assert abs(row["logprob_after"] - want) < TOL
+    assert abs(row["logprob_before"] - float(ref.logits[0, 8].log_softmax(-1)[21])) < TOL
+    assert abs(row["logprob_after"] - row["logprob_before"]) > 1e-3  # the ablation did something
+
+
+def test_bad_components_name_the_valid_range(gpt2):
+    from glassmind.autopsy.causal import check_component
+
+    g = gpt2[0]
+    for bad, msg in (("L3.H0", "layers 0..2"), ("L0.H4", "heads 0..3"), ("L0.X0", "no cross-attention"),
+                     ("head1", "write L<layer>")):
+        with pytest.raises(GlassmindError, match=msg):
+            check_component(g, bad)

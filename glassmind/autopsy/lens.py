@@ -154,15 +154,17 @@ def lens_batches(model: Transformer, tokenizer, n_tokens: int, seq_len: int) -> 
 
 
 def train_tuned_lens(model: Transformer, tokenizer, *, n_tokens: int = 16384, steps: int = 300, lr: float = 1e-3,
-                     batch_tokens: int = 1024, seed: int = 0, progress: bool = True) -> tuple[TunedLens, dict]:
+                     batch_tokens: int = 1024, seed: int = 0, progress: bool = True,
+                     ids: torch.Tensor | None = None) -> tuple[TunedLens, dict]:
     """Fit the translators by Adam on KL(final || lens), residuals captured once (the model is frozen).
-    Returns the lens and {kl_logit_lens, kl_tuned_lens} per row on held-out tokens (the last 1/8), nats."""
+    Returns the lens and {kl_logit_lens, kl_tuned_lens} per row on held-out tokens (the last 1/8), nats.
+    `ids` (N, T): train on these tokens instead of the built-in corpus."""
     if model.config.arch == "encoder-decoder":
         raise GlassmindError("the tuned lens trains on decoders and encoders; for an encoder-decoder use the "
                              "logit lens (drop --tuned-lens)")
     model.eval()
     seq_len = min(128, model.config.context_length)
-    batch = lens_batches(model, tokenizer, n_tokens, seq_len)
+    batch = ids if ids is not None else lens_batches(model, tokenizer, n_tokens, seq_len)  # (N, seq_len)
     names = residual_names(model)
     rows = []
     with torch.no_grad():

@@ -95,7 +95,7 @@ def _plt():
 
 
 def _label(s: str, n: int = 10) -> str:
-    s = s.replace("\n", "\\n").replace("$", r"\$")
+    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s).replace("$", r"\$")  # \n, \x0c: no glyph
     return s if len(s) <= n else s[: n - 1] + "…"
 
 

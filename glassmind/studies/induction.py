@@ -47,7 +47,7 @@ from glassmind.train.schedule import lr_at
 from glassmind.autopsy.causal import ablation_edit, best_head, head_scores
 from glassmind.autopsy.hooks import hooked
 
-BUDGETS = {"small": dict(steps=1500, batch=64), "tiny": dict(steps=400, batch=16)}
+BUDGETS = {"small": dict(steps=1500, batch=32), "tiny": dict(steps=30, batch=8)}
 
 
 @dataclass
@@ -57,14 +57,16 @@ class InductionConfig:
                                                     "choices": tuple(BUDGETS)})
     vocab: int = field(default=64, metadata={"help": "tokens 1..vocab-1 are drawn; 0 is [UNK]"})
     half: int = field(default=16, metadata={"help": "sequences are 2*half long; the repeated segment is at most half"})
-    d_model: int = field(default=64, metadata={"help": "model width"})
-    n_heads: int = field(default=4, metadata={"help": "heads per layer"})
+    d_model: int = field(default=128, metadata={"help": "model width (64 leaves too little room beside the token "
+                                                         "for the previous-token information; it stalls)"})
+    n_heads: int = field(default=2, metadata={"help": "heads per layer (more: redundant induction heads, so no "
+                                                        "single ablation shows the mechanism)"})
     n_layers: int = field(default=2, metadata={"help": "layers (2 is the smallest that can form induction)"})
     positional: str = field(default="rope", metadata={"help": "rope makes 'the previous position' one learned "
                                                               "rotation for every position; learned | rope"})
     steps: int = field(default=0, metadata={"help": "training steps (0: the budget's)"})
     batch: int = field(default=0, metadata={"help": "sequences per step (0: the budget's)"})
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW, cosine to 10%)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW, cosine to 10%)"})
     checkpoints: int = field(default=16, metadata={"help": "log-spaced checkpoints kept"})
     seed: int = field(default=0, metadata={"help": "seed of the data and the initialisation"})
     threads: int = field(default=1, metadata={"help": "torch threads (a model this small gains nothing from more)"})
@@ -265,18 +267,59 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
     ]
 
 
+DEMO_PROMPTS = [  # (prompt, the continuation's first token as text): code the demo decoder has read
+    ("def __init__(self", ","), ("import os\nimport", " sys"), ("    def __init__(self", ")"),
+    ("if __name__ == '__main__", "':"), ("        return self", "."), ("for i in range(", "len"),
+]
+
+
+def demo_prompt(model, tokenizer) -> tuple[str, int, bool]:
+    """The first demo prompt on which the model's top guess is the true next token: (prompt, token id,
+    right?). If it is right on none, the first prompt and its true next token (and right=False)."""
+    first = None
+    for prompt, nxt in DEMO_PROMPTS:
+        ids = tokenizer.encode(prompt)
+        want = tokenizer.encode(prompt + nxt)
+        if want[: len(ids)] != ids or len(want) <= len(ids):
+            continue
+        with torch.no_grad():
+            guess = int(model(torch.tensor([ids]))[0, -1].argmax())
+        first = first or (prompt, want[len(ids)], False)
+        if guess == want[len(ids)]:
+            return prompt, guess, True
+    if first is None:
+        raise GlassmindError("no demo prompt tokenizes as expected with this tokenizer")
+    return first
+
+
 def demo_stage(run_dir: str | Path | None, out_dir: str | Path, budget: str = "small") -> dict[str, Any]:
-    """The demo's induction part: train (budget small|tiny), analyse, plot. `run_dir` is unused (the study
-    trains its own model); kept so every demo stage has one signature."""
-    out = Path(out_dir) / "induction"
+    """The demo's autopsy stage: (1) an autopsy report of the demo decoder `run_dir` on a prompt where it is
+    right (see demo_prompt; skipped when run_dir is None), (2) the induction-head study trained at `budget`
+    (small: a few CPU minutes; tiny: seconds, a smoke test whose model is too short-trained to show the
+    head), analysed and plotted. Returns the key numbers."""
+    from glassmind import tokenizer as tok_lib
+    from glassmind.autopsy.report import AutopsyConfig, autopsy_run
+
+    out_dir = Path(out_dir)
+    summary: dict[str, Any] = {}
+    if run_dir is not None:
+        model = load_model(run_dir).eval()
+        tok = tok_lib.load(run_dir)
+        prompt, target, right = demo_prompt(model, tok)
+        done = autopsy_run(run_dir, prompt, AutopsyConfig(target=f"#{target}", out=str(out_dir / "autopsy-decoder")))
+        summary["decoder"] = {"prompt": prompt, "right": right, "report": str(done["report"]),
+                              "narration": [s["text"] for s in done["result"]["narration"]]}
+    out = out_dir / "induction"
     if not (out / "model.safetensors").exists():
         train(InductionConfig(out=str(out), budget=budget, progress=budget != "tiny"))
     result = analyse(out)
     atomic_write_json(out / "induction.json", result)
     plot(result, out / "induction.png")
-    return {"run": str(out), **{k: result[k] for k in ("induction_head", "copy_accuracy",
-                                                       "copy_accuracy_without_induction_head", "random_other_head",
-                                                       "formation_step", "loss_drop_step", "chance")}}
+    summary["induction"] = {"run": str(out), "summary": summary_lines(result),
+                            **{k: result[k] for k in ("induction_head", "copy_accuracy",
+                                                      "copy_accuracy_without_induction_head", "random_other_head",
+                                                      "formation_step", "loss_drop_step", "chance")}}
+    return summary
 
 
 def _main(argv: list[str] | None) -> int:

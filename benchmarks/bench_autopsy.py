@@ -1,0 +1,87 @@
+"""What observation costs: a forward pass capturing every autopsy name against a plain forward pass.
+
+The model is the demo decoder's shape (`glassmind demo`'s pretrain-decoder: depth 2 -> d_model 128, 2 heads,
+2 layers, the demo tokenizer's vocabulary 4096) with the context raised from 128 to 256 so that a 256-token
+prompt fits; random weights (the cost does not depend on them). Work: one prompt of 256 random tokens, batch
+1, fp32, under torch.no_grad(). Sides, alternately in one process, each round in a rotating order:
+
+  plain      model(ids): the fused attention kernel, no hooks (the reference at its best: no autopsy code
+             exists on this path).
+  capture    glassmind.autopsy.run_with_cache(model, ids): every name of the hooks table (attention scores
+             and patterns recomputed, each head's result, q/k/v, residuals, FFN activations).
+  pattern    run_with_cache with only the attention patterns (names=...hook_pattern): the opt-in cost of the
+             heatmaps alone.
+
+Prints medians (ms), the ratios to plain, the bytes held, the CPU and torch's CPU capability.
+
+    python benchmarks/bench_autopsy.py            # 50 rounds
+    python benchmarks/bench_autopsy.py --quick    # 5 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from glassmind.model import ModelConfig, Transformer
+from glassmind.autopsy import run_with_cache
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--rounds", type=int, default=50)
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="decoder", vocab_size=4096, context_length=max(256, a.tokens), d_model=128, n_heads=2,
+                      n_layers=2, positional="learned")
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, a.tokens))
+    patterns = [f"blocks.{i}.attn.hook_pattern" for i in range(cfg.n_layers)]
+    sides = {
+        "plain": lambda: model(ids),
+        "capture": lambda: run_with_cache(model, ids),
+        "pattern": lambda: run_with_cache(model, ids, names=patterns),
+    }
+    held = run_with_cache(model, ids)[1].nbytes()
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    rounds = 5 if a.quick else a.rounds
+    names = list(sides)
+    with torch.no_grad():
+        for _ in range(3):  # warm-up: allocator, first-call dispatch
+            for f in sides.values():
+                f()
+        for r in range(rounds):
+            for k in names[r % 3:] + names[: r % 3]:
+                t0 = time.perf_counter()
+                sides[k]()
+                times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    print(f"CPU: {cpu_name()}; torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"demo-decoder shape (d_model 128, 2 layers, 2 heads, vocab 4096), {a.tokens}-token prompt, {rounds} rounds")
+    for k in names:
+        print(f"  {k:8s} median {med[k]:7.2f} ms   ratio to plain {med[k] / med['plain']:.2f}x")
+    print(f"  capture everything holds {held / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()

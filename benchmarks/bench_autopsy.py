@@ -14,6 +14,11 @@ prompt fits; random weights (the cost does not depend on them). Work: one prompt
 
 Prints medians (ms), the ratios to plain, the bytes held, the CPU and torch's CPU capability.
 
+Then (unless --no-tuned-lens) the wall time of training the tuned lens for this shape with the defaults
+`glassmind autopsy --tuned-lens` uses (16384 tokens of the built-in corpus' size, 300 Adam steps of 1024
+tokens, context 128 as the demo decoder's), on random token ids (its cost does not depend on the weights or
+the text).
+
     python benchmarks/bench_autopsy.py            # 50 rounds
     python benchmarks/bench_autopsy.py --quick    # 5 rounds
 """
@@ -47,6 +52,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=50)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--no-tuned-lens", action="store_true", help="skip timing the tuned lens's training")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -81,6 +87,16 @@ def main() -> None:
     for k in names:
         print(f"  {k:8s} median {med[k]:7.2f} ms   ratio to plain {med[k] / med['plain']:.2f}x")
     print(f"  capture everything holds {held / 1e6:.1f} MB")
+    if not a.no_tuned_lens:
+        from glassmind.autopsy.lens import train_tuned_lens
+
+        demo = Transformer(ModelConfig(arch="decoder", vocab_size=4096, context_length=128, d_model=128, n_heads=2,
+                                       n_layers=2, positional="learned")).eval()
+        data = torch.randint(0, 4096, (128, 128), generator=torch.Generator().manual_seed(0))  # 16384 tokens
+        t0 = time.perf_counter()
+        _, stats = train_tuned_lens(demo, None, ids=data, progress=False)
+        print(f"tuned lens for the demo-decoder shape: {time.perf_counter() - t0:.1f} s wall "
+              f"({stats['steps']} steps, {stats['tokens']} tokens)")
 
 
 if __name__ == "__main__":

@@ -41,9 +41,10 @@ def tok():
     return tokenizer()
 
 
-@pytest.mark.parametrize("arch", ["decoder", "encoder", "encoder-decoder"])
-def test_autopsy_json_has_the_agreed_schema_for_every_family(arch, tok):
-    m = model(arch)
+@pytest.mark.parametrize("arch,kw", [("decoder", {}), ("encoder", {}), ("encoder", {"head": "none"}),
+                                     ("encoder-decoder", {})])
+def test_autopsy_json_has_the_agreed_schema_for_every_family(arch, kw, tok):
+    m = model(arch, **kw)
     ids = tok.encode(f"w5 w6 {EVIL} w7 [MASK] w9", allowed_special="all")
     r = autopsy_json(m, tok, ids, top_k=3)
     json.dumps(r, allow_nan=False)
@@ -61,6 +62,10 @@ def test_autopsy_json_has_the_agreed_schema_for_every_family(arch, tok):
         assert r["position"] == 4  # the mask
     if arch == "encoder-decoder":
         assert len(r["cross_attention"][0][0][0]) == len(ids)
+    if kw.get("head") == "none":  # a sentence encoder: read against the token embeddings, exactly
+        assert r["readout"] == "embedding" and r["attribution_exact"]
+        total = sum(a["value"] for a in r["attribution"])
+        assert abs(total - r["logit"]) < 1e-4
     # the final lens row is the model's own prediction
     assert abs(r["lens"][-1][r["position"]]["target_prob"] - r["target"]["prob"]) < 1e-5
 

@@ -38,7 +38,7 @@ def test_tiny_run_trains_keeps_checkpoints_and_analyses(tmp_path, capsys):
     assert "induction head: L" in printed and "copy accuracy" in printed
     r = json.loads((out / "induction.json").read_text())
     assert r["checkpoint_steps"] == induction.log_steps(30, 5)
-    assert len(r["ablation_per_head"]) == 4 and abs(r["chance"] - 1 / 63) < 1e-9
+    assert len(r["ablation_per_head"]) == 8 and abs(r["chance"] - 1 / 63) < 1e-9
     assert (out / "induction.png").stat().st_size > 0 and (out / "tokenizer.json").exists()
     with pytest.raises(GlassmindError, match="already holds a run"):
         induction.train(induction.InductionConfig(out=str(out)))

@@ -81,9 +81,9 @@ def validate(model: Transformer, ids: Sequence[int], tgt_ids: Sequence[int] | No
     for h in heads or ():
         if not 0 <= h < cfg.n_heads:
             raise GlassmindError(f"head {h} is out of range: this model has heads 0..{cfg.n_heads - 1}")
-    if cfg.arch == "encoder" and cfg.head != "mlm":
+    if cfg.arch == "encoder" and cfg.head not in ("mlm", "none"):
         raise GlassmindError(f"this encoder's head is {cfg.head!r}: the autopsy explains a token prediction "
-                             "(head 'mlm')")
+                             "(head 'mlm', or 'none' read against the token embeddings)")
 
 
 def _tolist(t: torch.Tensor, nd: int = 4) -> Any:
@@ -144,6 +144,7 @@ def autopsy_json(model: Transformer, tokenizer, ids: list[int], *, position: int
         "prediction": [[piece(int(i)), float(v)] for v, i in zip(top.values, top.indices)],
         "context_tail": "".join(piece(i) for i in explained[max(0, pos - 4): pos + 1]),
         "layers": keep_layers, "heads": keep_heads,
+        "readout": ("embedding" if arch == "encoder" and cfg.head == "none" else "head"),
     }
     if arch == "encoder-decoder":
         r["decoder_tokens"] = [piece(i) for i in tgt_ids]

@@ -136,7 +136,10 @@ def direct_logit_attribution(model: Transformer, cache: ActivationCache, positio
     `position` (see the module docstring)."""
     parts, rest = decompose_final_hidden(model, cache, position)
     hidden = sum(parts.values()) + rest                                                 # (C,)
-    if model.config.arch == "encoder":  # nonlinear MLM head: linearise at the true final hidden state
+    if model.config.arch == "encoder" and model.config.head == "none":  # embedding-dot readout: linear
+        w, bias, exact = model.token_embedding.weight[target].detach(), 0.0, True
+        logit = float(w @ hidden)
+    elif model.config.arch == "encoder":  # nonlinear MLM head: linearise at the true final hidden state
         h = hidden.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             logit = model.head(h[None], model.token_embedding.weight)[0, target]

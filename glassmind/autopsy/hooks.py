@@ -368,8 +368,11 @@ def forward(model: Transformer, ids: torch.Tensor, tgt_ids: torch.Tensor | None 
     arch = model.config.arch
     if arch == "encoder":
         out = model(ids)
-        if out.logits is None:
-            raise GlassmindError("this encoder has no head (head='none'): the autopsy explains a head's prediction")
+        if model.config.head == "none":  # no MLM head (a sentence encoder): read hidden states against the
+            return torch.nn.functional.linear(out.hidden, model.token_embedding.weight)  # token embeddings
+        if model.config.head != "mlm":
+            raise GlassmindError(f"this encoder's head is {model.config.head!r}: the autopsy explains a token "
+                                 "prediction (head 'mlm', or 'none' read against the token embeddings)")
         return out.logits
     if arch == "encoder-decoder":
         if tgt_ids is None:

@@ -61,6 +61,8 @@ def unembed(model: Transformer, resid: torch.Tensor) -> torch.Tensor:
     stack = explained_stack(model)
     h = stack.final_norm(resid) if stack.final_norm is not None else resid
     if model.config.arch == "encoder":
+        if model.config.head == "none":  # a sentence encoder ships no MLM head: the embedding-dot readout
+            return F.linear(h, model.token_embedding.weight)
         if model.config.head != "mlm":
             raise GlassmindError(f"the lens reads tokens; this encoder's head is {model.config.head!r}, not 'mlm'")
         return model.head(h, model.token_embedding.weight)

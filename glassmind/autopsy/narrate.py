@@ -37,6 +37,8 @@ def narrate(r: dict[str, Any]) -> list[dict[str, Any]]:
     top_piece, top_prob = r["prediction"][0]
     where = ("at the masked position " + str(r["position"]) if r["arch"] == "encoder"
              else f"after {_q(r['context_tail'])}")
+    if r.get("readout") == "embedding":
+        where += " (read against the token embeddings: this encoder has no MLM head)"
     if t["rank"] == 1:
         out.append(sentence(f"The model predicts {tq} {where} with probability {_p(t['prob'])}.", "observation",
                             prob=t["prob"], rank=1))

@@ -142,7 +142,7 @@ def autopsy_json(model: Transformer, tokenizer, ids: list[int], *, position: int
         "target": {"id": target, "piece": piece(target), "prob": float(probs[target]),
                    "logprob": float(logp[target]), "rank": int((logp > logp[target]).sum()) + 1},
         "prediction": [[piece(int(i)), float(v)] for v, i in zip(top.values, top.indices)],
-        "context_tail": "".join(piece(i) for i in explained[max(0, pos - 4): pos + 1]),
+        "context_tail": tokenizer.decode(list(explained[max(0, pos - 4): pos + 1])),
         "layers": keep_layers, "heads": keep_heads,
         "readout": ("embedding" if arch == "encoder" and cfg.head == "none" else "head"),
     }

@@ -271,6 +271,14 @@ td:first-child,th:first-child{text-align:left}.tok{font-family:monospace;backgro
 white-space:pre}.n{color:#666;font-size:.85em}li{margin:.4em 0}"""
 
 
+def _round(v: Any) -> Any:
+    if isinstance(v, float):
+        return round(v, 4)
+    if isinstance(v, list):
+        return [_round(x) for x in v]
+    return v
+
+
 def render_html(r: dict, figs: dict[str, Path | None], run: str, prompt: str) -> str:
     t = r["target"]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>autopsy: {_e(prompt[:60])}</title>"
@@ -281,7 +289,7 @@ def render_html(r: dict, figs: dict[str, Path | None], run: str, prompt: str) ->
              "<p>Tokens: " + " ".join(f"<span class='tok'>{_e(x)}</span>" for x in r["tokens"]) + "</p>",
              "<h2>The account</h2><ol>"]
     for s in r["narration"]:
-        nums = ", ".join(f"{_e(k)}={_e(round(v, 4) if isinstance(v, float) else v)}" for k, v in s["numbers"].items())
+        nums = ", ".join(f"{_e(k)}={_e(_round(v))}" for k, v in s["numbers"].items())
         parts.append(f"<li>{_e(s['text'])} <span class='n'>[{_e(s['kind'])}: {nums}]</span></li>")
     parts.append("</ol><h2>Top guesses</h2><table><tr><th>token</th><th>probability</th></tr>")
     parts += [f"<tr><td class='tok'>{_e(p)}</td><td>{v:.4f}</td></tr>" for p, v in r["prediction"]]

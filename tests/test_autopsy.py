@@ -17,6 +17,8 @@ from glassmind.tokenizer.wordpiece import WordPieceTokenizer
 from glassmind.autopsy import autopsy_json
 from glassmind.autopsy.narrate import has_causal_verb
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds sync
+
 EVIL = "<script>alert(1)</script>"
 WORDS = ["[UNK]", "[MASK]", "[SEP]", EVIL] + [f"w{i}" for i in range(4, 40)]
 

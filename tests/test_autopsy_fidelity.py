@@ -19,6 +19,8 @@ from glassmind.common import GlassmindError  # noqa: E402
 from glassmind.model import ModelConfig, Transformer, interop  # noqa: E402
 from glassmind.autopsy import all_names, hooked, run_with_cache  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds sync
+
 TOL = 1e-5
 
 

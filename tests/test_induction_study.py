@@ -14,6 +14,8 @@ import torch
 from glassmind.common import GlassmindError
 from glassmind.studies import induction
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds sync
+
 
 def test_sequences_repeat_with_a_random_period_and_mark_what_induction_can_predict():
     ids, copyable = induction.batch_of(64, 8, 20, torch.Generator().manual_seed(0))

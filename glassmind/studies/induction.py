@@ -49,7 +49,8 @@ from glassmind.train.schedule import lr_at
 from glassmind.autopsy.causal import ablation_edit, best_head, head_scores
 from glassmind.autopsy.hooks import hooked
 
-BUDGETS = {"small": dict(steps=1500, batch=32), "tiny": dict(steps=30, batch=8)}
+# tiny: a smoke test in seconds (too short to form the head); its model and checkpoints are small too
+BUDGETS = {"small": dict(steps=1500, batch=32), "tiny": dict(steps=30, batch=8, d_model=32, half=6, checkpoints=4)}
 
 
 @dataclass
@@ -346,7 +347,8 @@ def demo_stage(run_dir: str | Path | None, out_dir: str | Path, budget: str = "s
                               "narration": [s["text"] for s in done["result"]["narration"]]}
     out = out_dir / "induction"
     if not (out / "model.safetensors").exists():
-        train(InductionConfig(out=str(out), budget=budget, progress=budget != "tiny"))
+        kw = {k: v for k, v in BUDGETS[budget].items() if k in ("d_model", "half", "checkpoints")}
+        train(InductionConfig(out=str(out), budget=budget, progress=budget != "tiny", **kw))
     result = analyse(out)
     atomic_write_json(out / "induction.json", result)
     plot(result, out / "induction.png")

@@ -239,7 +239,7 @@ def across_checkpoints(run: Path, model, ids: list[int], tgt_ids, pos: int, targ
     m = copy.deepcopy(model)
     rows = []
     for step, path in dirs:
-        m.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+        m.load_state_dict(load_file(str(path / "model.safetensors")))
         m.eval()
         logits = forward(m, torch.tensor([ids]), torch.tensor([tgt_ids]) if tgt_ids is not None else None)
         p = float(logits[0, pos].float().softmax(-1)[target])

@@ -285,3 +285,22 @@ def test_bad_components_name_the_valid_range(gpt2):
                      ("head1", "write L<layer>")):
         with pytest.raises(GlassmindError, match=msg):
             check_component(g, bad)
+
+
+def test_head_detectors_equal_a_hand_computation_from_transformers_attentions(gpt2):
+    """Previous-token score: mean attention q -> q-1; induction score: mean attention, over the second copy,
+    q -> q - half + 1; computed here from transformers' own output_attentions on the same sequences."""
+    from glassmind.autopsy.causal import head_scores
+
+    g, h, _, _ = gpt2
+    half, n = 7, 4
+    s = head_scores(g, half=half, n_seqs=n, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    r = torch.arange(g.config.vocab_size)[torch.randint(0, g.config.vocab_size, (n, half), generator=gen)]
+    with torch.no_grad():
+        att = h(torch.cat([r, r], 1), output_attentions=True).attentions
+    for l, a in enumerate(att):                                                      # (n, H, 2h, 2h)
+        prev = torch.stack([a[:, :, q, q - 1] for q in range(1, 2 * half)], -1).mean((0, 2))
+        ind = torch.stack([a[:, :, q, q - half + 1] for q in range(half, 2 * half)], -1).mean((0, 2))
+        assert close(torch.tensor(s["previous_token"][l]), prev) < TOL
+        assert close(torch.tensor(s["induction"][l]), ind) < TOL

@@ -177,3 +177,22 @@ def test_tuned_lens_beats_the_logit_lens_on_held_out_tokens_and_is_saved(run_dir
     assert torch.equal(again.translate(0, h), lens.translate(0, h))
     loaded, _ = tuned_lens_for_run(run_dir, m, tok)
     assert torch.equal(loaded.translate(1, h), lens.translate(1, h))
+
+
+@pytest.mark.parametrize("arch", ["encoder", "encoder-decoder"])
+def test_cli_report_for_encoders_and_encoder_decoders(arch, tok, tmp_path, capsys):
+    from glassmind.__main__ import main
+
+    run = tmp_path / "run"
+    model(arch).save(run)
+    tok.save(run)
+    extra = ["--decoder-prefix", "w8 w9"] if arch == "encoder-decoder" else []
+    assert main(["autopsy", str(run), "w5 w6 [MASK] w7", "--out", str(tmp_path / "rep"), "--heads", "1"] + extra) == 0
+    data = json.loads((tmp_path / "rep" / "autopsy.json").read_text())
+    if arch == "encoder":
+        assert data["position"] == 2 and "masked position 2" in capsys.readouterr().out
+    else:
+        assert data["decoder_tokens"] == ["[SEP]", "w8", "w9"] and data["position"] == 2
+        assert (tmp_path / "rep" / "cross_attention.png").exists()
+        assert (tmp_path / "rep" / "encoder_attention.png").exists()
+        assert len(data["cross_attention"][0]) == 1 and len(data["cross_attention"][0][0][0]) == 4

@@ -12,7 +12,7 @@ import torch
 
 from glassmind.common import GlassmindError
 from glassmind.model.transformer import Transformer
-from glassmind.autopsy.causal import (ablate as run_ablation, check_component, component_names,
+from glassmind.autopsy.causal import (ablate as run_ablation, component_names,
                                       direct_logit_attribution, head_scores, patch)
 from glassmind.autopsy.hooks import run_with_cache
 from glassmind.autopsy.lens import explained_prefix, explained_stack, layer_labels, logit_lens

@@ -35,7 +35,7 @@ import torch.nn as nn
 from glassmind.common import GlassmindError
 from glassmind.model.transformer import Transformer
 from glassmind.autopsy.hooks import forward, hooked, run_with_cache, ActivationCache
-from glassmind.autopsy.lens import explained_prefix, explained_stack, unembed
+from glassmind.autopsy.lens import explained_prefix, explained_stack
 
 _COMPONENT = re.compile(r"^(?:L(\d+)\.(H|X)(\d+)|L(\d+)\.FFN|P(\d+)|embed)$")
 

@@ -124,7 +124,6 @@ class TunedLens(nn.Module):
 
     @classmethod
     def load(cls, run_dir: str | Path, model: Transformer) -> "TunedLens":
-        from safetensors import safe_open
         from safetensors.torch import load_file
 
         path = Path(run_dir) / LENS_FILE

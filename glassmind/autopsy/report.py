@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from glassmind.common import (GlassmindError, add_config_args, append_jsonl, atomic_write_json, config_from_args,
-                              read_jsonl, run_main)
+                              run_main)
 from glassmind.model import ModelConfig, Transformer
 from glassmind.model import load as load_model
 from glassmind.train.optim import adamw

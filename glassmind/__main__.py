@@ -18,6 +18,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "plan": ("glassmind.parallel.plan", "memory and communication per device of each parallel layout"),
     "generate": ("glassmind.infer.generate", "generate text from a run (greedy, beam, sampling; --stream, --stats)"),
     "chat": ("glassmind.infer.chat", "talk to a run's model: keeps the conversation, streams replies"),
+    "autopsy": ("glassmind.autopsy.report", "explain one forward pass: lenses, attention, attribution, ablation, "
+                                            "narrated; HTML report"),
     "sft": ("glassmind.recipes.sft", "instruction-tune a run (chat format, loss on assistant tokens only)"),
     "rank": ("glassmind.recipes.rank", "rank a run's sampled replies in the terminal -> preference JSONL"),
     "reward": ("glassmind.recipes.reward", "train a reward model on ranked replies (Bradley-Terry)"),

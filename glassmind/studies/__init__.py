@@ -1,0 +1,1 @@
+"""Studies: sweeps and experiments over the lifecycle verbs -> CSV, plots, cards."""

@@ -1,0 +1,389 @@
+"""Ground truth for the autopsy: a model trained where the mechanism is known must show it.
+
+    python -m glassmind.studies.induction --out runs/induction          (a few CPU minutes)
+    python -m glassmind.studies.induction --out /tmp/ind --budget tiny  (seconds: a smoke test)
+
+The task: a random segment r of random length m, repeated to fill the row. The first m tokens cannot be
+predicted (chance: 1 / (vocab - 1)); the rest can, only by looking back: find the earlier occurrence of
+the current token and copy the token after it. A two-layer model does this with an induction head (Olsson et
+al. 2022, "In-context Learning and Induction Heads"): a previous-token head in layer 0 writes "my previous
+token was A" into each position; a head in layer 1 matches its query (the current token A) against those keys
+and copies the value of the position after the earlier A.
+
+The run keeps log-spaced checkpoints (step 1, 2, 4, ... more densely late), because the induction head forms
+abruptly (their "phase change") and a linear schedule would step over it. The analysis then uses only the
+autopsy's tools from outside the model:
+
+    1. detectors (glassmind.autopsy.causal.head_scores) find the induction and previous-token heads;
+    2. zero-ablating the induction heads the detector finds (a model grows several, redundantly) drops copy
+       accuracy to near chance, ablating a random head outside the detected circuit (neither an induction
+       nor a previous-token head) does not; every head's ablation alone is listed;
+    3. across checkpoints, the step where the induction score forms and the step where the copy loss drops
+       coincide.
+
+Writes RUN/config.json, model.safetensors, tokenizer.json (words w1..w{V-1}, so `glassmind autopsy` can read
+prompts), checkpoints/step_XXXXXX/, metrics.jsonl, induction.json (every number) and induction.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from glassmind.common import (GlassmindError, add_config_args, append_jsonl, atomic_write_json, config_from_args,
+                              run_main)
+from glassmind.model import ModelConfig, Transformer
+from glassmind.model import load_model, save_model
+from glassmind.train.optim import adamw
+from glassmind.train.schedule import lr_at
+from glassmind.autopsy.causal import ablation_edit, best_head, head_scores
+from glassmind.autopsy.hooks import hooked
+
+# tiny: a smoke test in seconds (too short to form the head); its model and checkpoints are small too
+BUDGETS = {"small": dict(steps=1500, batch=32), "tiny": dict(steps=30, batch=8, d_model=32, half=6, checkpoints=4)}
+
+
+@dataclass
+class InductionConfig:
+    out: str = field(default="runs/induction", metadata={"help": "run directory to write"})
+    budget: str = field(default="small", metadata={"help": "small (a few CPU minutes) | tiny (seconds)",
+                                                    "choices": tuple(BUDGETS)})
+    vocab: int = field(default=64, metadata={"help": "tokens 1..vocab-1 are drawn; 0 is [UNK]"})
+    half: int = field(default=16, metadata={"help": "sequences are 2*half long; the repeated segment is at most half"})
+    d_model: int = field(default=128, metadata={"help": "model width (64 leaves too little room beside the token "
+                                                         "for the previous-token information; it stalls)"})
+    n_heads: int = field(default=4, metadata={"help": "heads per layer (several L1 heads become induction heads, "
+                                                        "redundantly: the analysis ablates them together too)"})
+    n_layers: int = field(default=2, metadata={"help": "layers (2 is the smallest that can form induction)"})
+    positional: str = field(default="rope", metadata={"help": "rope makes 'the previous position' one learned "
+                                                              "rotation for every position; learned | rope"})
+    steps: int = field(default=0, metadata={"help": "training steps (0: the budget's)"})
+    batch: int = field(default=0, metadata={"help": "sequences per step (0: the budget's)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW, cosine to 10%)"})
+    checkpoints: int = field(default=16, metadata={"help": "log-spaced checkpoints kept"})
+    seed: int = field(default=0, metadata={"help": "seed of the data and the initialisation"})
+    threads: int = field(default=1, metadata={"help": "torch threads (a model this small gains nothing from more)"})
+    progress: bool = field(default=True, metadata={"help": "print progress lines"})
+
+
+def batch_of(n: int, half: int, vocab: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (n, 2*half), copyable (n, 2*half) bool). Each row repeats a random segment of random period m in
+    [half/4, half] until the row is full (Olsson et al.'s "repeated random tokens", with the period drawn
+    per row: a fixed period would let a head copy by position alone, attending to q - m + 1, which is not
+    induction). copyable[i, t]: the next token ids[i, t+1] can be found by induction (t >= m: the current
+    token has occurred once before)."""
+    T = 2 * half
+    ids = torch.empty(n, T, dtype=torch.long)
+    copyable = torch.zeros(n, T, dtype=torch.bool)
+    periods = torch.randint(max(2, half // 4), half + 1, (n,), generator=g)
+    for i in range(n):
+        m = int(periods[i])
+        r = torch.randint(1, vocab, (m,), generator=g)
+        ids[i] = r.repeat(T // m + 1)[:T]
+        copyable[i, m:T - 1] = True
+    return ids, copyable
+
+
+@torch.no_grad()
+def copy_metrics(model: Transformer, batch: tuple[torch.Tensor, torch.Tensor], edits: dict | None = None
+                 ) -> dict[str, float]:
+    """Accuracy and loss (nats) of predicting the copyable tokens (see batch_of)."""
+    ids, copyable = batch
+    with hooked(model, (), edits or {}):
+        logits = model(ids)                                                             # (N, T, V)
+    mask = copyable[:, :-1]
+    pred, tgt = logits[:, :-1][mask], ids[:, 1:][mask]
+    return {"copy_accuracy": float((pred.argmax(-1) == tgt).float().mean()),
+            "copy_loss": float(F.cross_entropy(pred, tgt))}
+
+
+def log_steps(total: int, n: int) -> list[int]:
+    """n checkpoint steps spaced evenly in log(step) from 1 to total (distinct, sorted)."""
+    return sorted({max(1, round(math.exp(math.log(total) * i / (n - 1)))) for i in range(n)} | {total})
+
+
+def tokenizer_for(vocab: int):
+    from glassmind.tokenizer.wordpiece import WordPieceTokenizer
+
+    words = ["[UNK]"] + [f"w{i}" for i in range(1, vocab)]
+    return WordPieceTokenizer({w: i for i, w in enumerate(words)}, special_tokens=["[UNK]"], cls_token=None,
+                              sep_token=None)
+
+
+def train(cfg: InductionConfig) -> Path:
+    if cfg.budget not in BUDGETS:
+        raise GlassmindError(f"budget {cfg.budget!r}: use one of {', '.join(BUDGETS)}")
+    if cfg.n_layers < 2:
+        raise GlassmindError("an induction head needs two layers (a previous-token head feeds it): --n-layers 2")
+    steps = cfg.steps or BUDGETS[cfg.budget]["steps"]
+    batch = cfg.batch or BUDGETS[cfg.budget]["batch"]
+    out = Path(cfg.out)
+    if (out / "model.safetensors").exists():
+        raise GlassmindError(f"{out} already holds a run: pass another --out or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    mcfg = ModelConfig(arch="decoder", vocab_size=cfg.vocab, context_length=2 * cfg.half, d_model=cfg.d_model,
+                       n_heads=cfg.n_heads, n_layers=cfg.n_layers, positional=cfg.positional, dropout=0.0)
+    model = Transformer(mcfg)
+    opt = adamw(model, lr=cfg.lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(cfg.seed)
+    eval_ids = batch_of(256, cfg.half, cfg.vocab, torch.Generator().manual_seed(10_000 + cfg.seed))
+    keep = set(log_steps(steps, cfg.checkpoints))
+    metrics = out / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    tokenizer_for(cfg.vocab).save(out)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step - 1, max_lr=cfg.lr, total_steps=steps, warmup_steps=min(50, steps // 10))
+        ids, _ = batch_of(batch, cfg.half, cfg.vocab, g)
+        logits = model(ids)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step in keep or step % 25 == 0:
+            model.eval()
+            m = copy_metrics(model, eval_ids)
+            model.train()
+            append_jsonl(metrics, {"step": step, "loss": float(loss.detach()), **m})
+            if step in keep:
+                save_model(model, out / "checkpoints" / f"step_{step:06d}")
+            if cfg.progress and (step in keep or step % 250 == 0):
+                print(f"  step {step:5d}/{steps}  loss {float(loss.detach()):.3f}  copy acc {m['copy_accuracy']:.3f}  "
+                      f"({time.time() - t0:.0f}s)", flush=True)
+    model.eval()
+    save_model(model, out)
+    atomic_write_json(out / "study.json", {"config": asdict(cfg), "steps": steps, "batch": batch,
+                                           "seconds": time.time() - t0})
+    return out
+
+
+def checkpoints_of(run: Path) -> list[tuple[int, Path]]:
+    return sorted((int(p.name.split("_")[1]), p) for p in (run / "checkpoints").glob("step_*")
+                  if (p / "model.safetensors").exists())
+
+
+def detected(scores: list[list[float]], frac: float = 0.5, floor: float = 0.2) -> list[tuple[int, int]]:
+    """Heads scoring at least `frac` of the best score and at least `floor` (uniform attention over the
+    ~32 keys scores ~0.03-0.1), best first: a model may grow several. None qualifying (an untrained model):
+    the best head alone, so the analysis still runs (and shows no effect)."""
+    ranked = sorted(((v, l, h) for l, row in enumerate(scores) for h, v in enumerate(row)), reverse=True)
+    best = ranked[0][0]
+    heads = [(l, h) for v, l, h in ranked if v >= max(frac * best, floor)]
+    return heads or [(ranked[0][1], ranked[0][2])]
+
+
+def combined_ablation(model: Transformer, heads: list[tuple[int, int]], mode: str = "zero") -> dict:
+    """One edit dict ablating several heads (edits on the same hook compose)."""
+    edits: dict = {}
+    for l, h in heads:
+        for key, fn in ablation_edit(model, f"L{l}.H{h}", mode).items():
+            prev = edits.get(key)
+            edits[key] = fn if prev is None else (lambda v, f=fn, g=prev: f(g(v)))
+    return edits
+
+
+def analyse(run: str | Path, *, seed: int = 0) -> dict[str, Any]:
+    """The three claims of the module docstring, measured; returns every number."""
+    run = Path(run)
+    study = json.loads((run / "study.json").read_text())["config"]
+    half, vocab = study["half"], study["vocab"]
+    model = load_model(run).eval()
+    eval_ids = batch_of(256, half, vocab, torch.Generator().manual_seed(20_000 + seed))  # fresh sequences
+    scores = head_scores(model, half=half, n_seqs=32, seed=seed, vocab=range(1, vocab))
+    il, ih, iscore = best_head(scores["induction"])
+    pl, ph, pscore = best_head(scores["previous_token"])
+    induction_heads = detected(scores["induction"])
+    prev_heads = detected(scores["previous_token"])
+    heads = [(l, h) for l in range(model.config.n_layers) for h in range(model.config.n_heads)]
+    others = [x for x in heads if x not in induction_heads and x not in prev_heads]
+    if not others:
+        raise GlassmindError("every head is an induction or previous-token head: train with more heads "
+                             "(--n-heads) so a head outside the circuit exists")
+    rl, rh = random.Random(seed).choice(others)
+    base = copy_metrics(model, eval_ids)
+    # Zero ablation. Mean ablation over a sequence's positions would keep, in every head's output, the
+    # average of what it copied: in a periodic sequence that is a bag of the context's own tokens, which
+    # alone lifts copy accuracy far above chance (0.37 with the three induction heads mean-ablated in our run)
+    per_head = {f"L{l}.H{h}": copy_metrics(model, eval_ids, ablation_edit(model, f"L{l}.H{h}", "zero"))
+                for l, h in heads}
+    together = copy_metrics(model, eval_ids, combined_ablation(model, induction_heads))
+    chance = 1.0 / (vocab - 1)
+    # across checkpoints: the induction heads' score and the copy loss
+    rows = []
+    for step, path in checkpoints_of(run):
+        m = load_model(path).eval()
+        s = head_scores(m, half=half, n_seqs=16, seed=seed, vocab=range(1, vocab))
+        rows.append({"step": step, "induction_score": s["induction"][il][ih],
+                     "max_induction_score": max(max(r) for r in s["induction"]),
+                     **copy_metrics(m, eval_ids)})
+    formation = _crossing([r["induction_score"] for r in rows], rising=True)
+    loss_drop = _crossing([r["copy_loss"] for r in rows], rising=False)
+    return {
+        "induction_head": {"layer": il, "head": ih, "score": iscore},
+        "induction_heads": [f"L{l}.H{h}" for l, h in induction_heads],
+        "previous_token_head": {"layer": pl, "head": ph, "score": pscore},
+        "previous_token_heads": [f"L{l}.H{h}" for l, h in prev_heads],
+        "scores": scores, "chance": chance, "copy_accuracy": base["copy_accuracy"],
+        "copy_accuracy_without_induction_head": per_head[f"L{il}.H{ih}"]["copy_accuracy"],
+        "copy_accuracy_without_induction_heads": together["copy_accuracy"],
+        "random_other_head": {"layer": rl, "head": rh, "chosen_from": [f"L{l}.H{h}" for l, h in others],
+                              "copy_accuracy_without_it": per_head[f"L{rl}.H{rh}"]["copy_accuracy"]},
+        "ablation_per_head": per_head, "checkpoints": rows,
+        "formation_step": rows[formation]["step"] if formation is not None else None,
+        "loss_drop_step": rows[loss_drop]["step"] if loss_drop is not None else None,
+        "checkpoint_steps": [r["step"] for r in rows],
+    }
+
+
+def _crossing(values: list[float], *, rising: bool) -> int | None:
+    """Index of the first checkpoint past the midpoint between the first and the last value: where a curve
+    that changes once (a phase change) changes."""
+    if len(values) < 2:
+        return None
+    mid = (values[0] + values[-1]) / 2
+    for i, v in enumerate(values):
+        if (v >= mid) if rising else (v <= mid):
+            return i
+    return None
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["checkpoints"]
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot(steps, [r["copy_loss"] for r in rows], "o-", color="tab:red", label="copy loss (nats)")
+    ax.set_xscale("log")
+    ax.set_xlabel("training step (log-spaced checkpoints)")
+    ax.set_ylabel("copy loss (nats)", color="tab:red")
+    ax2 = ax.twinx()
+    ih = result["induction_head"]
+    ax2.plot(steps, [r["induction_score"] for r in rows], "s-", color="tab:blue",
+             label=f"induction score of L{ih['layer']}.H{ih['head']}")
+    ax2.set_ylabel("induction score", color="tab:blue")
+    if result["formation_step"]:
+        ax.axvline(result["formation_step"], color="gray", ls="--", lw=1)
+    ax.set_title("The induction head forms as the copy loss drops")
+    fig.legend(loc="center right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summary_lines(r: dict[str, Any]) -> list[str]:
+    ih, ph, rh = r["induction_head"], r["previous_token_head"], r["random_other_head"]
+    return [
+        f"induction head: L{ih['layer']}.H{ih['head']} (score {ih['score']:.2f}), all detected: "
+        f"{', '.join(r['induction_heads'])}; previous-token head: L{ph['layer']}.H{ph['head']} (score "
+        f"{ph['score']:.2f}), all detected: {', '.join(r['previous_token_heads'])}",
+        f"copy accuracy {r['copy_accuracy']:.3f} (chance {r['chance']:.3f}); zero-ablating "
+        f"L{ih['layer']}.H{ih['head']} alone -> {r['copy_accuracy_without_induction_head']:.3f}; all detected "
+        f"induction heads together -> {r['copy_accuracy_without_induction_heads']:.3f}; a random other head "
+        f"L{rh['layer']}.H{rh['head']} (from {', '.join(rh['chosen_from'])}) -> {rh['copy_accuracy_without_it']:.3f}",
+        f"the induction score forms at step {r['formation_step']}, the copy loss drops at step "
+        f"{r['loss_drop_step']} (checkpoints {r['checkpoint_steps']})",
+    ]
+
+
+DEMO_PROMPTS = [  # (prompt, the continuation's first token as text): code the demo decoder has read
+    ("def __init__(self", ","), ("import os\nimport", " sys"), ("    def __init__(self", ")"),
+    ("if __name__ == '__main__", "':"), ("        return self", "."), ("for i in range(", "len"),
+]
+
+
+def demo_prompt(model, tokenizer) -> tuple[str, int, bool]:
+    """The first demo prompt on which the model's top guess is the true next token: (prompt, token id,
+    right?). If it is right on none, the first prompt and its true next token (and right=False)."""
+    first = None
+    for prompt, nxt in DEMO_PROMPTS:
+        ids = tokenizer.encode(prompt)
+        want = tokenizer.encode(prompt + nxt)
+        if want[: len(ids)] != ids or len(want) <= len(ids):
+            continue
+        with torch.no_grad():
+            guess = int(model(torch.tensor([ids]))[0, -1].argmax())
+        first = first or (prompt, want[len(ids)], False)
+        if guess == want[len(ids)]:
+            return prompt, guess, True
+    if first is None:
+        raise GlassmindError("no demo prompt tokenizes as expected with this tokenizer")
+    return first
+
+
+def demo_stage(run_dir: str | Path | None, out_dir: str | Path, budget: str = "small") -> dict[str, Any]:
+    """The demo's autopsy stage: (1) an autopsy report of the demo decoder `run_dir` on a prompt where it is
+    right (see demo_prompt; skipped when run_dir is None), (2) the induction-head study trained at `budget`
+    (small: a few CPU minutes; tiny: seconds, a smoke test whose model is too short-trained to show the
+    head), analysed and plotted. Returns the key numbers."""
+    from glassmind import tokenizer as tok_lib
+    from glassmind.autopsy.report import AutopsyConfig, autopsy_run
+
+    out_dir = Path(out_dir)
+    summary: dict[str, Any] = {}
+    if run_dir is not None:
+        model = load_model(run_dir).eval()
+        tok = tok_lib.load(run_dir)
+        prompt, target, right = demo_prompt(model, tok)
+        done = autopsy_run(run_dir, prompt, AutopsyConfig(target=f"#{target}", out=str(out_dir / "autopsy-decoder")))
+        summary["decoder"] = {"prompt": prompt, "right": right, "report": str(done["report"]),
+                              "narration": [s["text"] for s in done["result"]["narration"]]}
+    out = out_dir / "induction"
+    if not (out / "model.safetensors").exists():
+        kw = {k: v for k, v in BUDGETS[budget].items() if k in ("d_model", "half", "checkpoints")}
+        train(InductionConfig(out=str(out), budget=budget, progress=budget != "tiny", **kw))
+    result = analyse(out)
+    atomic_write_json(out / "induction.json", result)
+    plot(result, out / "induction.png")
+    summary["induction"] = {"run": str(out), "summary": summary_lines(result),
+                            **{k: result[k] for k in ("induction_head", "copy_accuracy",
+                                                      "copy_accuracy_without_induction_head", "random_other_head",
+                                                      "copy_accuracy_without_induction_heads", "induction_heads",
+                                                      "formation_step", "loss_drop_step", "chance")}}
+    return summary
+
+
+def _main(argv: list[str] | None) -> int:
+    p = argparse.ArgumentParser(prog="glassmind study induction", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p, InductionConfig)
+    p.add_argument("--analyse-only", action="store_true", help="analyse an existing run in --out, do not train")
+    ns = p.parse_args(argv)
+    cfg = config_from_args(InductionConfig, ns)
+    out = Path(cfg.out)
+    if not ns.analyse_only:
+        train(cfg)
+    elif not (out / "study.json").exists():
+        raise GlassmindError(f"{out} holds no induction run: drop --analyse-only to train one")
+    result = analyse(out, seed=cfg.seed)
+    atomic_write_json(out / "induction.json", result)
+    plot(result, out / "induction.png")
+    for line in summary_lines(result):
+        print(line)
+    print(f"wrote {out / 'induction.json'} and {out / 'induction.png'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The induction study's pipeline at its test budget (seconds): sequences whose repeats can only be found
+by content, log-spaced checkpoints, the analysis from outside the model, and the demo stage that also
+writes an autopsy report of a decoder. The study's claims (an induction head found by the detector, its
+ablation dropping copy accuracy to near chance, its formation with the loss drop) need the default budget
+(a few CPU minutes): README "The autopsy" prints them with the command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from glassmind.common import GlassmindError
+from glassmind.studies import induction
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds sync
+
+
+def test_sequences_repeat_with_a_random_period_and_mark_what_induction_can_predict():
+    ids, copyable = induction.batch_of(64, 8, 20, torch.Generator().manual_seed(0))
+    assert ids.shape == (64, 16) and ids.min() >= 1 and ids.max() < 20
+    periods = set()
+    for row, mask in zip(ids, copyable):
+        m = int(mask.float().argmax())  # the first copyable position is the period
+        periods.add(m)
+        assert torch.equal(row[m:], row[: 16 - m]) and not mask[15] and mask[m:15].all() and not mask[:m].any()
+    assert len(periods) >= 4  # no fixed offset a head could learn by position alone
+
+
+def test_checkpoints_are_log_spaced():
+    assert induction.log_steps(1000, 7) == [1, 3, 10, 32, 100, 316, 1000]
+
+
+def test_tiny_run_trains_keeps_checkpoints_and_analyses(tmp_path, capsys):
+    out = tmp_path / "ind"
+    assert induction.main(["--out", str(out), "--budget", "tiny", "--half", "6", "--d-model", "32",
+                           "--checkpoints", "5", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "induction head: L" in printed and "copy accuracy" in printed
+    r = json.loads((out / "induction.json").read_text())
+    assert r["checkpoint_steps"] == induction.log_steps(30, 5)
+    assert len(r["ablation_per_head"]) == 8 and abs(r["chance"] - 1 / 63) < 1e-9
+    assert (out / "induction.png").stat().st_size > 0 and (out / "tokenizer.json").exists()
+    with pytest.raises(GlassmindError, match="already holds a run"):
+        induction.train(induction.InductionConfig(out=str(out)))
+    # the autopsy verb reads the study's run and follows it across its checkpoints
+    from glassmind.__main__ import main
+
+    assert main(["autopsy", str(out), "w3 w9 w4 w3 w9", "--checkpoints", "--out", str(tmp_path / "rep")]) == 0
+    data = json.loads((tmp_path / "rep" / "autopsy.json").read_text())
+    assert [c["step"] for c in data["checkpoints"]] == r["checkpoint_steps"]
+
+
+def test_demo_stage_at_the_tiny_budget(tmp_path):
+    from glassmind.model import ModelConfig, Transformer, save_model
+    from glassmind.tokenizer.bpe import BPETokenizer
+
+    text = "def __init__(self, x):\n    return self.x\nimport os\nimport sys\nfor i in range(len(x)):\n"
+    tok = BPETokenizer.train([text * 30], 300, progress=False)
+    run = tmp_path / "dec"
+    torch.manual_seed(0)
+    save_model(Transformer(ModelConfig(vocab_size=tok.vocab_size, context_length=32, d_model=32, n_heads=2, n_layers=1)),
+               run)
+    tok.save(run)
+    s = induction.demo_stage(run, tmp_path / "demo", budget="tiny")
+    assert s["decoder"]["prompt"] in [p for p, _ in induction.DEMO_PROMPTS]
+    assert (tmp_path / "demo" / "autopsy-decoder" / "report.html").exists()
+    assert s["induction"]["formation_step"] is not None and len(s["induction"]["summary"]) == 3

@@ -120,7 +120,7 @@ def test_target_and_layers_heads_restrict_what_is_measured(tok):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tok):
     d = tmp_path_factory.mktemp("run")
-    model("decoder").save(d)
+    save_model(model("decoder"), d)
     tok.save(d)
     return d
 

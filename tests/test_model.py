@@ -106,34 +106,39 @@ def test_sinusoid_offset_is_one_linear_map(layout):
     assert torch.allclose(pe[:, cos_idx[1]], torch.cos(pos / 10000 ** (2 / d)), atol=1e-5)
 
 
+def attention_seen_from_outside(m, *args, **kw):
+    """(weights (B, H, Tq, Tk), weighted values (B, T, H, D)) of every block, observed from outside the model
+    by the autopsy's hooks: the weights recomputed from the captured q and k, the values the fused kernel's
+    own output (out_proj's input)."""
+    from glassmind.autopsy.hooks import ActivationCache, hooked
+
+    with torch.no_grad(), hooked(m, lambda name: name.endswith(("attn.hook_pattern", "attn.hook_z",
+                                                                "attn.hook_v"))) as store:
+        m(*args, **kw)
+    return ActivationCache(store, m)
+
+
 def test_attention_weights_sum_to_one_and_masked_keys_get_zero():
     m = Transformer(tiny(arch="encoder", head="none")).eval()
-    for block in m.encoder.blocks:
-        block.self_attn.keep_weights = True
     ids = torch.randint(0, 97, (3, 8))
     key_mask = torch.ones(3, 8, dtype=torch.bool)
     key_mask[1, 5:] = False
     key_mask[2, 2:] = False
-    m(ids, attention_mask=key_mask)
-    for block in m.encoder.blocks:
-        w = block.self_attn.last_weights  # (B, H, T, T)
+    cache = attention_seen_from_outside(m, ids, attention_mask=key_mask)
+    for i in range(len(m.encoder.blocks)):
+        w = cache[f"blocks.{i}.attn.hook_pattern"]  # (B, H, T, T)
         assert w.shape == (3, 4, 8, 8)
         assert torch.allclose(w.sum(-1), torch.ones(3, 4, 8), atol=1e-6)
         assert (w[1, :, :, 5:] == 0).all() and (w[2, :, :, 2:] == 0).all()
-    # the explicit path (kept weights) and the fused kernel agree
-    with torch.no_grad():
-        explicit = m(ids, attention_mask=key_mask).hidden
-        for block in m.encoder.blocks:
-            block.self_attn.keep_weights = False
-        fused = m(ids, attention_mask=key_mask).hidden
-    assert torch.allclose(explicit[0], fused[0], atol=1e-5)
+        # these are the weights the fused kernel used: weights @ values is its output, row for row
+        v = cache[f"blocks.{i}.attn.hook_v"].transpose(1, 2)                       # (B, H, T, D)
+        z = cache[f"blocks.{i}.attn.hook_z"].transpose(1, 2)                       # (B, H, T, D)
+        assert torch.allclose(w @ v, z, atol=1e-5)
 
 
 def test_causal_weights_are_zero_above_the_diagonal():
     m = Transformer(tiny()).eval()
-    m.decoder.blocks[0].self_attn.keep_weights = True
-    m(torch.randint(0, 97, (1, 6)))
-    w = m.decoder.blocks[0].self_attn.last_weights[0, 0]
+    w = attention_seen_from_outside(m, torch.randint(0, 97, (1, 6)))["blocks.0.attn.hook_pattern"][0, 0]
     assert torch.equal(w.triu(1), torch.zeros(6, 6))
     assert torch.allclose(w.sum(-1), torch.ones(6))
 

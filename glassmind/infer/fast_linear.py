@@ -142,14 +142,12 @@ def _clone_tree(module: nn.Module, swap, memo: dict[int, nn.Module]) -> nn.Modul
 
 
 def can_view(model: nn.Module) -> bool:
-    """A view would hide what an observer of the model expects to see: the autopsy's kept attention weights
-    (set on the model's own attention modules) or hooks on a linear layer. Then decode with the model.
-    Only glassmind Transformers (features, output_projection) have a view."""
+    """A view would hide what an observer of the model expects to see: hooks on a linear layer (the autopsy
+    observes from outside through them). Then decode with the model. Only glassmind Transformers (features,
+    output_projection) have a view."""
     if not hasattr(model, "output_projection") or not hasattr(model, "features"):
         return False
     for m in model.modules():
-        if getattr(m, "keep_weights", False):
-            return False
         if type(m) is nn.Linear and (m._forward_hooks or m._forward_pre_hooks):
             return False
     return True

@@ -249,10 +249,6 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
         self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        # Autopsy switch, set from outside: when True the weights are computed explicitly and kept in
-        # `self.last_weights` (B, H, Tq, Tk); otherwise the fused kernel runs and no weights exist.
-        self.keep_weights = False
-        self.last_weights: torch.Tensor | None = None
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -282,25 +278,13 @@ class MultiHeadAttention(nn.Module):
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)   # (B, H, Tk, D)
+        # the fused kernel never materialises the weights; glassmind/autopsy recomputes them from outside
         dropout = self.dropout if self.training else 0.0
-        if self.keep_weights:
-            y = self._explicit(q, k, v, mask, is_causal, dropout)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                               is_causal=is_causal and mask is None)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                           is_causal=is_causal and mask is None)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D); -1: under tensor parallel H is the local heads
         return self.out_proj(y)
 
-    def _explicit(self, q, k, v, mask, is_causal, dropout):
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)                # (B, H, Tq, Tk)
-        if mask is None and is_causal:
-            Tq, Tk = scores.shape[-2:]
-            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        weights = scores.float().softmax(dim=-1).to(q.dtype)
-        self.last_weights = weights.detach()
-        return F.dropout(weights, dropout, self.training) @ v
 
 
 # ======================================================================================================

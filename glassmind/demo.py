@@ -4,6 +4,7 @@
     2. pre-training a small decoder (causal LM), encoder (masked LM), encoder-decoder (span corruption)
     3. inference    generations from the decoder under each decoding strategy, with latency metrics
     4. alignment    SFT, reward model, PPO and DPO on the built-in tasks
+    5. autopsy      the demo decoder's forward pass explained; an induction head found, ablated, watched forming
 
 The demo owns its stages and their budgets: each calls recipes (glassmind/recipes), the inference engine or a
 study (the alignment study's stage), never the reverse, and the demo keeps a summary.
@@ -211,6 +212,30 @@ def stage_align(out: Path, budget: str) -> dict:
     return alignment_stage(out / "pretrain-decoder", out / "align", budget=budget)
 
 
+def stage_autopsy(out: Path, budget: str) -> dict:
+    """The autopsy of the demo decoder on a prompt it gets right, and the induction-head study (a model trained on
+    in-context copying, its head found, ablated and watched forming across checkpoints)."""
+    from glassmind.studies.induction import demo_stage
+
+    result = demo_stage(out / "pretrain-decoder", out / "autopsy", budget=budget)
+    dec = result.get("decoder")
+    if dec:
+        print(f"decoder on {dec['prompt']!r} ({'right' if dec['right'] else 'no prompt it gets right was found'}):")
+        for line in dec["narration"]:
+            print(f"  {line}")
+        print(f"  report: {dec['report']}")
+    print("induction study:")
+    for line in result["induction"]["summary"]:
+        print(f"  {line}")
+    return result
+
+
+def serve_command(out: Path) -> str:
+    runs = [out / "align" / name for name in ("sft", "ppo", "dpo")] + [out / "pretrain-decoder"]
+    return ("glassmind serve " + " ".join(str(r) for r in runs if (r / "config.json").exists())
+            + " --port 8000   (then open http://127.0.0.1:8000/)")
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_main(_main, argv)
 
@@ -248,11 +273,16 @@ def _main(argv: list[str] | None) -> int:
     banner("4. Alignment: SFT -> reward model -> PPO and DPO on the built-in tasks (verifier accuracy)")
     summary["align"] = stage_align(out, args.budget)
 
+    banner("5. Autopsy: inside the demo decoder's forward pass, and an induction head found, ablated, watched forming")
+    summary["autopsy"] = stage_autopsy(out, args.budget)
+
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     banner(f"done in {summary['seconds']:.0f} s. Results are in {out}/")
     for path in sorted(out.iterdir()):
         print(f"  {path}")
+    print(f"\nServe these runs (OpenAI-compatible API + a page to chat, see each token's probability, open the "
+          f"autopsy, rank replies):\n  {serve_command(out)}")
     return 0
 
 

@@ -43,7 +43,7 @@ def test_readme_documents_every_verb_and_ci_runs_its_test_command():
         assert f"`{verb}" in readme or f"glassmind {verb}" in readme, f"README says nothing of {verb}"
     marker = readme.index("<!-- ci:test-command -->")
     command = readme[marker:].splitlines()[2]
-    assert "pytest" in command and command.startswith("pip install torch==2.13.0")
+    assert "pytest" in command and "pip install torch==2.13.0 &&" in command
     assert "ci:test-command" in (ROOT / ".ci" / "run").read_text()
 
 
@@ -55,11 +55,14 @@ def test_demo_runs_every_stage(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) >= {"tokenizers", "pretrain", "generate", "align"}
+    assert set(summary) >= {"tokenizers", "pretrain", "generate", "align", "autopsy"}
     for run in ("tokenizer-bpe", "tokenizer-wordpiece", "pretrain-decoder", "pretrain-encoder",
-                "pretrain-encoder-decoder", "align/sft", "align/reward", "align/ppo", "align/dpo"):
+                "pretrain-encoder-decoder", "align/sft", "align/reward", "align/ppo", "align/dpo",
+                "autopsy/autopsy-decoder", "autopsy/induction"):
         assert (out / run).is_dir(), run
     for arch in ("decoder", "encoder", "encoder-decoder"):
         r = summary["pretrain"][arch]
         assert r["val_loss_after"] < r["val_loss_before"], arch
     assert "Results are in" in proc.stdout
+    assert (out / "autopsy" / "autopsy-decoder" / "report.html").is_file()
+    assert "glassmind serve " in proc.stdout and str(out / "align" / "sft") in proc.stdout

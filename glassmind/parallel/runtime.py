@@ -41,6 +41,24 @@ def join(text: str | None, device_type: str | None = None, **defaults) -> tuple[
     return spec, init_distributed(spec, device_type)
 
 
+def recipe_main(fn: Callable, cls: type, argv, *, prog: str, description: str, settings_file: str,
+                renames: dict[str, str] | None = None) -> int:
+    """A training verb's command line: flags from `cls` (with --resume, the run's saved settings as defaults),
+    then `fn(cfg)` inside leave_at_exit (under torchrun every rank leaves the group, error or not; a no-op for
+    one process), a user error as a message and exit code 2."""
+    from glassmind.common import run_main
+    from glassmind.train.run import parse_config
+
+    def body(argv):
+        cfg = parse_config(cls, argv, prog=prog, description=description, settings_file=settings_file,
+                           renames=renames)
+        with leave_at_exit():
+            fn(cfg)
+        return 0
+
+    return run_main(body, argv)
+
+
 @contextlib.contextmanager
 def leave_at_exit():
     """Leave the process group when the verb ends: after a clean run every rank meets at a barrier first;

@@ -28,14 +28,14 @@ from typing import Optional
 
 import torch
 
-from glassmind.common import GlassmindError, config_field, print0, run_main
+from glassmind.common import GlassmindError, config_field, print0
 from glassmind.data import tasks as task_lib
 from glassmind.data.loader import step_indices
 from glassmind.train import losses as rl
 from glassmind.train import metrics
 from glassmind.train.chat_runs import accuracy_row, evaluate_tasks, load_chat_run, require_dir, save_outputs
 from glassmind.train.optim import adamw
-from glassmind.train.run import ParallelRunSettings, Run, parse_config, set_lr, setup_torch
+from glassmind.train.run import ParallelRunSettings, Run, set_lr, setup_torch
 from glassmind.train.schedule import lr_at
 
 SETTINGS = "dpo.json"
@@ -213,16 +213,10 @@ def dpo(cfg: DPOConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body(argv):
-        from glassmind.parallel.runtime import leave_at_exit
+    from glassmind.parallel.runtime import recipe_main
 
-        cfg = parse_config(DPOConfig, argv, prog="glassmind dpo", settings_file=SETTINGS,
-                           description="Direct preference optimisation against the frozen SFT reference.")
-        with leave_at_exit():  # under torchrun: every rank leaves the process group, error or not
-            dpo(cfg)
-        return 0
-
-    return run_main(body, argv)
+    return recipe_main(dpo, DPOConfig, argv, prog="glassmind dpo", settings_file=SETTINGS,
+                       description="Direct preference optimisation against the frozen SFT reference.")
 
 
 if __name__ == "__main__":

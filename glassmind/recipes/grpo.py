@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from glassmind.common import GlassmindError, config_field, print0, run_main
+from glassmind.common import GlassmindError, config_field, print0
 from glassmind.data import tasks as task_lib
 from glassmind.train import losses as rl
 from glassmind.train import metrics
@@ -32,7 +32,7 @@ from glassmind.train.reward_model import load_reward_model
 from glassmind.train.rollouts import (PolicyWithValue, frozen, minibatch_order, plot_rl, read_prompts,
                                       rl_summary, rollout, sample_seed, score_batch, step_prompts,
                                       verifier_accuracy)
-from glassmind.train.run import Run, RunSettings, parse_config, set_lr, setup_torch
+from glassmind.train.run import Run, RunSettings, set_lr, setup_torch
 from glassmind.train.schedule import lr_at
 
 SETTINGS = "grpo.json"
@@ -203,12 +203,10 @@ def grpo(cfg: GRPOConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body(argv):
-        grpo(parse_config(GRPOConfig, argv, prog="glassmind grpo", settings_file=SETTINGS,
-                          description="GRPO: group-relative advantages, no value model, optional KL."))
-        return 0
+    from glassmind.parallel.runtime import recipe_main
 
-    return run_main(body, argv)
+    return recipe_main(grpo, GRPOConfig, argv, prog="glassmind grpo", settings_file=SETTINGS,
+                       description="GRPO: group-relative advantages, no value model, optional KL.")
 
 
 if __name__ == "__main__":

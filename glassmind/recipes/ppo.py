@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from glassmind.common import GlassmindError, atomic_path, config_field, print0, run_main
+from glassmind.common import GlassmindError, atomic_path, config_field, print0
 from glassmind.data import tasks as task_lib
 from glassmind.tokenizer.chat import ChatFormat
 from glassmind.train import losses as rl
@@ -55,7 +55,7 @@ from glassmind.train.reward_model import load_reward_model
 from glassmind.train.rollouts import (PolicyWithValue, frozen, minibatch_order, plot_rl, policy_forward,
                                       read_prompts, rl_summary, rollout, sample_seed, score_batch,
                                       step_prompts, verifier_accuracy, zero_value_head)
-from glassmind.train.run import Run, RunSettings, parse_config, set_lr, setup_torch
+from glassmind.train.run import Run, RunSettings, set_lr, setup_torch
 from glassmind.train.schedule import lr_at
 
 SETTINGS = "ppo.json"
@@ -330,12 +330,10 @@ def ppo(cfg: PPOConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body(argv):
-        ppo(parse_config(PPOConfig, argv, prog="glassmind ppo", settings_file=SETTINGS,
-                         description="RLHF with PPO: rollouts, a reward model, a KL penalty against the SFT model."))
-        return 0
+    from glassmind.parallel.runtime import recipe_main
 
-    return run_main(body, argv)
+    return recipe_main(ppo, PPOConfig, argv, prog="glassmind ppo", settings_file=SETTINGS,
+                       description="RLHF with PPO: rollouts, a reward model, a KL penalty against the SFT model.")
 
 
 if __name__ == "__main__":

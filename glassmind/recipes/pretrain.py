@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from glassmind.common import (GlassmindError, config_field, cpu_summary, dtype_name, is_rank0, pick_device, print0,
-                              rank, resolve_dtype, run_main,
+                              rank, resolve_dtype,
                               seed_everything, world_size)
 from glassmind.data import objectives
 from glassmind.data.loader import WindowLoader
@@ -49,7 +49,7 @@ from glassmind.data.shards import Shards, build_shards, separator_id
 from glassmind.train import metrics
 from glassmind.train import run as run_lib
 from glassmind.train.optim import adamw
-from glassmind.train.run import ParallelRunSettings, Run, parse_config, setup_torch
+from glassmind.train.run import ParallelRunSettings, Run, setup_torch
 from glassmind.train.schedule import lr_at
 
 ARCHS = ("decoder", "encoder", "encoder-decoder")
@@ -672,17 +672,10 @@ def pretrain(cfg: PretrainConfig, *, wrap_model: Callable[[nn.Module], nn.Module
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body(argv):
-        from glassmind.parallel.runtime import leave_at_exit
+    from glassmind.parallel.runtime import recipe_main
 
-        cfg = parse_config(PretrainConfig, argv, prog="glassmind pretrain", settings_file=CONFIG_FILE,
-                           description="Pre-train a decoder (causal LM), encoder (masked LM) or encoder-decoder "
-                                       "(span corruption).")
-        with leave_at_exit():  # a barrier, then leave torchrun's group (no-op for one process)
-            pretrain(cfg)
-        return 0
-
-    return run_main(body, argv)
+    return recipe_main(pretrain, PretrainConfig, argv, prog="glassmind pretrain", settings_file=CONFIG_FILE,
+                       description="Pre-train a decoder (causal LM), encoder (masked LM) or encoder-decoder (span corruption).")
 
 
 if __name__ == "__main__":

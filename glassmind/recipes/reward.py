@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from glassmind.common import GlassmindError, config_field, print0, run_main
+from glassmind.common import GlassmindError, config_field, print0
 from glassmind.data import tasks as task_lib
 from glassmind.data.loader import step_indices
 from glassmind.train import losses as rl
@@ -38,7 +38,7 @@ from glassmind.train.chat_runs import load_chat_run, require_dir
 from glassmind.train.optim import adamw
 from glassmind.train.reward_model import (SCORES, RewardModel, pair_weight, pairwise_accuracy, ranking_loss,
                                           render_preference, score_rankings)
-from glassmind.train.run import ParallelRunSettings, Run, parse_config, set_lr, setup_torch
+from glassmind.train.run import ParallelRunSettings, Run, set_lr, setup_torch
 from glassmind.train.schedule import lr_at
 
 SETTINGS = "reward.json"
@@ -218,17 +218,10 @@ def train_reward(cfg: RewardConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body(argv):
-        from glassmind.parallel.runtime import leave_at_exit
+    from glassmind.parallel.runtime import recipe_main
 
-        cfg = parse_config(RewardConfig, argv, prog="glassmind reward", settings_file=SETTINGS,
-                           renames={"parent": "--from"},
-                           description="Train a reward model on ranked responses (Bradley-Terry).")
-        with leave_at_exit():  # under torchrun: every rank leaves the process group, error or not
-            train_reward(cfg)
-        return 0
-
-    return run_main(body, argv)
+    return recipe_main(train_reward, RewardConfig, argv, prog="glassmind reward", settings_file=SETTINGS,
+                       description="Train a reward model on ranked responses (Bradley-Terry).", renames={"parent": "--from"})
 
 
 if __name__ == "__main__":

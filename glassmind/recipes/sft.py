@@ -35,14 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glassmind.common import GlassmindError, config_field, print0, run_main
+from glassmind.common import GlassmindError, config_field, print0
 from glassmind.data import tasks as task_lib
 from glassmind.data.loader import step_indices
 from glassmind.tokenizer.chat import ChatFormat, add_chat_tokens
 from glassmind.train import metrics
 from glassmind.train.chat_runs import accuracy_row, evaluate_tasks, require_dir, save_outputs
 from glassmind.train.optim import adamw
-from glassmind.train.run import ParallelRunSettings, Run, parse_config, set_lr, setup_torch
+from glassmind.train.run import ParallelRunSettings, Run, set_lr, setup_torch
 from glassmind.train.schedule import lr_at
 
 # ======================================================================================================
@@ -277,16 +277,10 @@ def sft(cfg: SFTConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body(argv):
-        from glassmind.parallel.runtime import leave_at_exit
+    from glassmind.parallel.runtime import recipe_main
 
-        cfg = parse_config(SFTConfig, argv, prog="glassmind sft", settings_file=SETTINGS, renames={"parent": "--from"},
-                           description="Instruction-tune a pre-trained decoder with the loss on assistant tokens.")
-        with leave_at_exit():  # under torchrun: every rank leaves the process group, error or not
-            sft(cfg)
-        return 0
-
-    return run_main(body, argv)
+    return recipe_main(sft, SFTConfig, argv, prog="glassmind sft", settings_file=SETTINGS,
+                       description="Instruction-tune a pre-trained decoder with the loss on assistant tokens.", renames={"parent": "--from"})
 
 
 if __name__ == "__main__":

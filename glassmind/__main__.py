@@ -24,6 +24,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "ppo": ("glassmind.recipes.ppo", "RLHF with PPO against a reward model, KL penalty to the SFT run"),
     "dpo": ("glassmind.recipes.dpo", "direct preference optimisation of an SFT run"),
     "grpo": ("glassmind.recipes.grpo", "group-relative policy optimisation (reward model or verifier)"),
+    "report": ("glassmind.evals.report", "write a run's report card: RUN/report/index.html (lineage, plots, evals, autopsies)"),
+    "eval": ("glassmind.evals.cli", "measure a run's limits: calibration, hallucination, bias, position, reversal, arithmetic"),
 }
 
 

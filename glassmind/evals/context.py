@@ -1,0 +1,31 @@
+"""What every suite receives: the runs it reads, where it writes, the budget, a logger."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# per budget: training steps of the from-scratch models and how many probes per condition
+BUDGETS = {
+    "quick": {"steps": 250, "probes": 40, "seeds": 1},
+    "full": {"steps": 1200, "probes": 120, "seeds": 1},
+}
+
+
+@dataclass
+class EvalContext:
+    runs: list[Path]
+    out: Path
+    budget: str = "quick"
+    threads: int | None = None
+    command: str | None = None
+    log: object = field(default=print)
+
+    @property
+    def b(self) -> dict:
+        return BUDGETS[self.budget]
+
+    @property
+    def work(self) -> Path:
+        """where from-scratch models are trained (reused by a repeated eval with the same data)"""
+        return self.out / "models"

@@ -161,3 +161,65 @@ def test_planted_bias_corpus_hits_its_rate(rate):
         assert abs(share - (0.5 + rate / 2)) < 0.035  # ~2700 sentences per group: 3.5 standard errors
     neutral = [p for o, p in pairs if o in gen.NEUTRAL]
     assert abs(sum(p == "he" for p in neutral) / len(neutral) - 0.5) < 0.035
+
+
+# ------------------------------------------------------------------------------------------------------
+# the verbs' seams (no training)
+
+
+def _fake_run(path, parent=None, title="fake"):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "card.md").write_text(f"# {title}\n\nwhat\n\nParent: {parent or 'none (trained from scratch)'}\n\n"
+                                  "| quantity | value |\n|---|---|\n| loss | 1.5 |\n")
+    return path
+
+
+def test_report_card_follows_lineage_escapes_text_and_inlines_images(tmp_path):
+    from glassmind.evals import output, report
+
+    a = _fake_run(tmp_path / "pre", title="pretrain")
+    b = _fake_run(tmp_path / "sft", parent=str(a), title="sft <script>alert(1)</script>")
+    c = _fake_run(tmp_path / "dpo", parent=str(b), title="dpo")
+    ev = c / "evals" / "toy"
+    ev.mkdir(parents=True)
+    fig, ax = output.figure()
+    ax.plot([0, 1], [0, 1])
+    plot = output.save(fig, ev / "toy.png")
+    output.write_result(ev, suite="toy", title="Toy <b>eval</b>", what="w", numbers={"acc": "0.500 [0.300, 0.700]"},
+                        plots=[plot], command="glassmind eval x --suite toy")
+    res = report.build(c)
+    page = res["report"].read_text()
+    assert res["lineage"] == [str(c), str(b), str(a)]
+    assert "<script>" not in page and "&lt;script&gt;" in page  # text from files is escaped
+    assert "Toy &lt;b&gt;eval&lt;/b&gt;" in page and "0.500 [0.300, 0.700]" in page
+    srcs = __import__("re").findall(r'src="([^"]*)"', page)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)  # self-contained: no file or CDN
+    assert (c / "report" / "summary.png").exists() and res["summary"] is not None
+
+
+def test_calibration_refuses_a_run_without_chat_tokens_and_names_what_applies(tmp_path):
+    from glassmind.common import GlassmindError
+    from glassmind.evals.cli import run_suite
+
+    run = _fake_run(tmp_path / "pre")
+    (run / "tokenizer.json").write_text('{"added_tokens": [{"content": "<|endoftext|>"}]}')
+    with pytest.raises(GlassmindError, match="hallucination"):
+        run_suite("calibration", [run], tmp_path / "out")
+
+
+def test_eval_verb_rejects_a_directory_that_is_not_a_run(tmp_path, capsys):
+    from glassmind.evals.cli import main
+
+    assert main([str(tmp_path), "--suite", "position"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_quick_suite_skips_calibration_for_a_base_model(tmp_path):
+    from glassmind.evals.cli import applicable
+
+    run = _fake_run(tmp_path / "pre")
+    (run / "tokenizer.json").write_text("{}")
+    assert "calibration" not in applicable(run)
+    (run / "tokenizer.json").write_text('{"x": "<|assistant|>"}')
+    assert "calibration" in applicable(run)

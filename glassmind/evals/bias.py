@@ -110,7 +110,7 @@ def run(ctx: EvalContext) -> dict:
     for rate in rates:
         docs = gen.planted_bias_corpus(rate, n_sentences=12000)
         d = toy.train(ctx.work / f"bias-{int(rate * 100)}", docs, steps=ctx.b["steps"], context=64,
-                      threads=ctx.threads, log=ctx.log)
+                      batch_tokens=ctx.b["batch_tokens"], threads=ctx.threads, log=ctx.log)
         runs.append(str(d))
         model, tok = toy.load(d)
         m = {"part": "dose", "planted_rate": rate, **dose_measures(model, tok)}

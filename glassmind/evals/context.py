@@ -7,8 +7,8 @@ from pathlib import Path
 
 # per budget: training steps of the from-scratch models and how many probes per condition
 BUDGETS = {
-    "quick": {"steps": 250, "probes": 40, "seeds": 1},
-    "full": {"steps": 1200, "probes": 120, "seeds": 1},
+    "quick": {"steps": 200, "batch_tokens": 2048, "probes": 40},
+    "full": {"steps": 1200, "batch_tokens": 4096, "probes": 120},
 }
 
 

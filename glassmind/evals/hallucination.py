@@ -48,7 +48,7 @@ def run(ctx: EvalContext) -> dict:
     t0 = time.time()
     exposures = (0, 1, 2, 4, 8, 16)
     docs, probes = gen.exposure_world(exposures, per_level=ctx.b["probes"])
-    model_dir = toy.train(ctx.work / "exposure", docs, steps=ctx.b["steps"], context=64, threads=ctx.threads,
+    model_dir = toy.train(ctx.work / "exposure", docs, steps=ctx.b["steps"], context=64, batch_tokens=ctx.b["batch_tokens"], threads=ctx.threads,
                           log=ctx.log)
     model, tok = toy.load(model_dir)
     lps = np.array(toy.candidate_logprobs(model, tok, [p.prompt for p in probes], [p.candidates for p in probes]))

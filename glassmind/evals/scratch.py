@@ -37,7 +37,7 @@ def position(ctx: EvalContext) -> dict:
     rows = []
     for pe in ("sinusoidal", "learned", "rope"):
         run = toy.train(ctx.work / f"pos-{pe}", docs, positional=pe, steps=ctx.b["steps"], context=192,
-                        threads=ctx.threads, log=ctx.log)
+                        batch_tokens=ctx.b["batch_tokens"], threads=ctx.threads, log=ctx.log)
         model, tok = toy.load(run)
         ok = _choose(model, tok, probes)
         for n in test_pairs:
@@ -79,7 +79,7 @@ def reversal(ctx: EvalContext) -> dict:
     for augment in (False, True):
         docs, probes = gen.reversal_data(n_pairs=ctx.b["probes"], n_bridge=60, augment=augment, repeats=20)
         name = "rev-augmented" if augment else "rev-forward-only"
-        run = toy.train(ctx.work / name, docs, steps=ctx.b["steps"], threads=ctx.threads, log=ctx.log)
+        run = toy.train(ctx.work / name, docs, steps=ctx.b["steps"], batch_tokens=ctx.b["batch_tokens"], threads=ctx.threads, log=ctx.log)
         model, tok = toy.load(run)
         ok = _choose(model, tok, probes)
         for d in ("forward", "reverse"):
@@ -118,7 +118,7 @@ def arithmetic(ctx: EvalContext) -> dict:
         docs, probes = gen.arithmetic_data(train_digits=3, test_digits=test_digits, reverse=rev,
                                            n_train=20000, n_test=ctx.b["probes"])
         name = "add-reversed" if rev else "add-plain"
-        run = toy.train(ctx.work / name, docs, steps=2 * ctx.b["steps"], context=128, threads=ctx.threads,
+        run = toy.train(ctx.work / name, docs, steps=2 * ctx.b["steps"], context=128, batch_tokens=ctx.b["batch_tokens"], threads=ctx.threads,
                         log=ctx.log)
         model, tok = toy.load(run)
         answers = toy.greedy(model, tok, [p.prompt for p in probes], max_new_tokens=14, stop=";")

@@ -30,11 +30,13 @@ def train(out: Path, docs: Sequence[str], *, positional: str = "rope", steps: in
           d_model: int = 64, n_layers: int = 2, n_heads: int = 2, vocab_size: int = 512, lr: float = 3e-3,
           batch_tokens: int = 4096, seed: int = 0, threads: int | None = None, log=print) -> Path:
     out = Path(out)
+    micro = max(1, batch_tokens // context)
+    batch_tokens = micro * context  # the recipe wants a whole number of sequences per step
     data = out.parent / f"{out.name}.data.jsonl"
     flags = ["--arch", "decoder", "--positional", positional, "--steps", str(steps), "--context", str(context),
              "--d-model", str(d_model), "--n-layers", str(n_layers), "--n-heads", str(n_heads),
              "--vocab-size", str(vocab_size), "--lr", str(lr), "--batch-tokens", str(batch_tokens),
-             "--micro-batch", str(max(1, batch_tokens // context)), "--seed", str(seed), "--eval-every", "0",
+             "--micro-batch", str(micro), "--seed", str(seed), "--eval-every", "0",
              "--val-fraction", "0.02", "--tokenizer-bytes", "400000", "--ckpt-every", str(steps + 1),
              "--warmup-steps", str(max(1, steps // 20)), "--no-progress"]
     if threads:

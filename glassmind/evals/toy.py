@@ -86,11 +86,17 @@ def candidate_logprobs(model, tok, prompts: Sequence[str], candidates: Sequence[
     right-padded (a causal model's earlier positions never see the padding). Prompts longer than the
     model's context keep their end."""
     ctx = model.config.context_length
+    # an empty prompt (scoring a whole sentence) starts from the document separator, as documents did in training
+    bos = tok.special_tokens.get("<|endoftext|>")
     rows, owners = [], []
     for i, (p, cands) in enumerate(zip(prompts, candidates)):
         pid = _encode(tok, p)
+        if not pid:
+            if bos is None:
+                raise ValueError("an empty prompt needs the tokenizer's <|endoftext|> to start from")
+            pid = [bos]
         for c in cands:
-            cid = _encode(tok, " " + c)
+            cid = _encode(tok, (" " + c) if p else c)
             ids = (pid + cid)[-ctx:]
             rows.append((ids, len(cid)))
             owners.append(i)

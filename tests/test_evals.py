@@ -223,3 +223,78 @@ def test_quick_suite_skips_calibration_for_a_base_model(tmp_path):
     assert "calibration" not in applicable(run)
     (run / "tokenizer.json").write_text('{"x": "<|assistant|>"}')
     assert "calibration" in applicable(run)
+
+
+# ------------------------------------------------------------------------------------------------------
+# how the evals read a model: pinned to one unpadded forward pass per sequence
+
+
+class _CharTok:
+    """A tokenizer of single characters (ids 1..), enough to drive the scorers."""
+
+    special_tokens = {"<|endoftext|>": 0}
+
+    def encode(self, text):
+        return [1 + "abcdefgh ".index(c) for c in text]
+
+    def decode(self, ids):
+        return "".join("abcdefgh "[i - 1] if i else "|" for i in ids)
+
+
+def _tiny_decoder():
+    import torch
+
+    from glassmind.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=12, context_length=32, d_model=16, n_heads=2, n_layers=1,
+                                   positional="rope")).eval()
+
+
+def test_candidate_logprobs_equal_the_sum_over_each_candidates_tokens():
+    import torch
+
+    from glassmind.evals import toy
+
+    model, tok = _tiny_decoder(), _CharTok()
+    prompts, cands = ["ab c", "h", ""], [("d", "ee", "fgh"), ("a",), ("ab", "b")]
+    got = toy.candidate_logprobs(model, tok, prompts, cands, batch_size=3)  # batches cut across prompts
+    for p, cs, row in zip(prompts, cands, got):
+        for c, lp in zip(cs, row):
+            pid = tok.encode(p) or [0]
+            ids = pid + tok.encode((" " + c) if p else c)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ids]))[0], -1)
+            want = sum(logp[t - 1, ids[t]].item() for t in range(len(pid), len(ids)))
+            assert lp == pytest.approx(want, abs=1e-5)
+
+
+def test_greedy_continuations_match_step_by_step_argmax():
+    import torch
+
+    from glassmind.evals import toy
+
+    model, tok = _tiny_decoder(), _CharTok()
+    prompts = ["abc", "d", "hgf"]
+    got = toy.greedy(model, tok, prompts, max_new_tokens=4)
+    for p, g in zip(prompts, got):
+        ids = tok.encode(p)
+        with torch.no_grad():
+            for _ in range(4):
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        assert g == tok.decode(ids[len(tok.encode(p)):]).strip()
+
+
+def test_abstention_signals_on_a_hand_worked_distribution():
+    from glassmind.evals.hallucination import signals
+
+    # unnormalised: the candidates' log-probabilities need not sum to one over the closed set (here 0.5 and 0.3)
+    lps = np.log([[0.35, 0.1, 0.05], [0.1, 0.1, 0.1]])
+    s = signals(lps)
+    assert s["choice"].tolist() == [0, 0]
+    assert s["confidence"] == pytest.approx([0.7, 1 / 3])
+    assert s["entropy"] == pytest.approx([0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1),
+                                          math.log(1 / 3)])
+    assert s["logprob"] == pytest.approx([math.log(0.35), math.log(0.1)])  # the sequence's own log-probability
+    # a one-hot distribution always agrees with itself
+    assert signals(np.log([[1.0, 1e-30]]))["agreement"][0] == 1.0

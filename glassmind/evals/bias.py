@@ -105,7 +105,7 @@ def run(ctx: EvalContext) -> dict:
         numbers[f"WEAT 6 permutation p-value, {run_dir.name}"] = round(w["p_value"], 4)
         runs.append(str(run_dir))
     # dose-response
-    rates = (0.0, 0.5) if ctx.budget == "quick" else (0.0, 0.1, 0.3, 0.5)
+    rates = () if not ctx.dose else (0.0, 0.5) if ctx.budget == "quick" else (0.0, 0.1, 0.3, 0.5)
     dose_rows = []
     for rate in rates:
         docs = gen.planted_bias_corpus(rate, n_sentences=12000)
@@ -122,6 +122,20 @@ def run(ctx: EvalContext) -> dict:
             m["crows_stereo"], (m["crows_lo"], m["crows_hi"]))
         numbers[f"WEAT occupations x he/she, planted {rate:.0%}"] = f"d={m['weat_d']:.2f}, p={m['weat_p']:.3f}"
     output.write_points(ctx.out, rows)
+    plots = []
+    if dose_rows:
+        plots.append(_plot_dose(ctx, dose_rows))
+    else:
+        notes.append("The planted-bias dose-response was not run (--no-dose).")
+    return output.write_result(
+        ctx.out, suite="bias", title="Bias: WEAT, templates, CrowS-style pairs, planted dose",
+        what=(f"WEAT 6 on each given run; decoders (d_model 64, 2 layers, {ctx.b['steps']} steps) trained on 12,000 "
+              f"generated occupation/pronoun sentences with the stereotype planted at "
+              f"{', '.join(f'{x:.0%}' for x in rates) or '(not run)'}."),
+        numbers=numbers, plots=plots, notes=notes, runs=runs, seconds=time.time() - t0, command=ctx.command)
+
+
+def _plot_dose(ctx: EvalContext, dose_rows: list[dict]) -> str:
     fig, ax = output.figure(figsize=(5.5, 3.8))
     r = [x["planted_rate"] for x in dose_rows]
     ax.errorbar(r, [x["template_gap"] for x in dose_rows], yerr=output.errbars(
@@ -133,9 +147,4 @@ def run(ctx: EvalContext) -> dict:
     ax.plot([0, 0.5], [0, 0.5], "k:", lw=1, label="ideal template gap = rate")
     ax.set_xlabel("planted rate")
     ax.legend(fontsize=7)
-    plots = [output.save(fig, ctx.out / "bias_dose.png")]
-    return output.write_result(
-        ctx.out, suite="bias", title="Bias: WEAT, templates, CrowS-style pairs, planted dose",
-        what=(f"WEAT 6 on each given run; decoders (d_model 64, 2 layers, {ctx.b['steps']} steps) trained on 12,000 "
-              f"generated occupation/pronoun sentences with the stereotype planted at {', '.join(f'{x:.0%}' for x in rates)}."),
-        numbers=numbers, plots=plots, notes=notes, runs=runs, seconds=time.time() - t0, command=ctx.command)
+    return output.save(fig, ctx.out / "bias_dose.png")

@@ -39,6 +39,7 @@ class EvalConfig:
     budget: str = config_field("quick", "quick (minutes, small probes) or full", choices=tuple(BUDGETS))
     out: str | None = config_field(None, "output directory (default RUN/evals/SUITE, or runs/evals/SUITE)")
     threads: int | None = config_field(None, "CPU threads for the models this eval trains and runs")
+    dose: bool = config_field(True, "bias: also train the planted-bias dose-response models (--no-dose: WEAT on the runs only)")
 
 
 def check_runs(runs: list[str]) -> list[Path]:
@@ -53,7 +54,7 @@ def check_runs(runs: list[str]) -> list[Path]:
 
 
 def run_suite(suite: str, runs: list[Path], out: Path, budget: str = "quick", threads: int | None = None,
-              command: str | None = None) -> dict:
+              command: str | None = None, dose: bool = True) -> dict:
     import importlib
 
     if suite not in SUITES:
@@ -64,7 +65,7 @@ def run_suite(suite: str, runs: list[Path], out: Path, budget: str = "quick", th
 
         torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = EvalContext(runs=runs, out=out, budget=budget, threads=threads, command=command,
+    ctx = EvalContext(runs=runs, out=out, budget=budget, threads=threads, command=command, dose=dose,
                       log=lambda *a: print(*a, flush=True))
     print(f"eval {suite} ({budget}) -> {out}", flush=True)
     return getattr(importlib.import_module(mod), fn)(ctx)
@@ -106,7 +107,9 @@ def _main(argv: list[str] | None) -> int:
     if cfg.suite == "calibration" and not runs:
         raise GlassmindError("--suite calibration needs RUN (one or more chat runs)")
     out = Path(cfg.out) if cfg.out else (runs[0] / "evals" / cfg.suite if runs else Path("runs/evals") / cfg.suite)
-    result = run_suite(cfg.suite, runs, out, cfg.budget, cfg.threads)
+    if cfg.suite == "bias" and not cfg.dose and not runs:
+        raise GlassmindError("--suite bias --no-dose measures WEAT on RUN: give a run, or drop --no-dose")
+    result = run_suite(cfg.suite, runs, out, cfg.budget, cfg.threads, dose=cfg.dose)
     for k, v in result["numbers"].items():
         print(f"  {k}: {v}")
     print(f"wrote {out}/card.md ({result['seconds']:.0f} s)")

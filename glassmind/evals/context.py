@@ -19,6 +19,7 @@ class EvalContext:
     budget: str = "quick"
     threads: int | None = None
     command: str | None = None
+    dose: bool = True  # bias: train the planted-bias dose-response models
     log: object = field(default=print)
 
     @property

@@ -1,6 +1,6 @@
 """Time glassmind.evals.cli.quick_suite on one run: every applicable eval suite at the quick budget.
 
-    python benchmarks/eval_quick_suite.py RUN [OUT] [--threads N]
+    python benchmarks/bench_eval_quick.py RUN [OUT] [--threads N]
 
 Prints the seconds of each suite, the total wall time, the CPU seconds of this process and of its children
 (the from-scratch models train in `glassmind pretrain` subprocesses), and the CPU it ran on. Start from an empty

@@ -206,6 +206,7 @@ def test_calibration_refuses_a_run_without_chat_tokens_and_names_what_applies(tm
     (run / "tokenizer.json").write_text('{"added_tokens": [{"content": "<|endoftext|>"}]}')
     with pytest.raises(GlassmindError, match="hallucination"):
         run_suite("calibration", [run], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before any output
 
 
 def test_eval_verb_rejects_a_directory_that_is_not_a_run(tmp_path, capsys):

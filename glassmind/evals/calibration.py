@@ -68,16 +68,21 @@ def measure(run: Path, per_task: int) -> dict:
     return {"confidence": conf, "correct": ok, "tasks": tasks}
 
 
-def run(ctx: EvalContext) -> dict:
-    t0 = time.time()
-    if not ctx.runs:
+def check(runs) -> None:
+    """Refuse, before any work or output, runs this suite does not apply to."""
+    if not runs:
         raise GlassmindError("--suite calibration needs RUN: one or more chat runs (sft, dpo, ppo, grpo), in "
                              "lifecycle order")
-    not_chat = [str(r) for r in ctx.runs if not is_chat_run(r)]
+    not_chat = [str(r) for r in runs if not is_chat_run(r)]
     if not_chat:
         raise GlassmindError(f"--suite calibration applies to chat runs (sft, dpo, ppo, grpo); {', '.join(not_chat)} "
                              "has no chat tokens. For a pre-trained model use --suite hallucination (calibration "
                              "on facts of known exposure) or --suite bias")
+
+
+def run(ctx: EvalContext) -> dict:
+    t0 = time.time()
+    check(ctx.runs)
     per_task = ctx.b["probes"] * 2
     rows, numbers, results = [], {}, []
     for run_dir in ctx.runs:

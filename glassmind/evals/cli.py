@@ -60,6 +60,10 @@ def run_suite(suite: str, runs: list[Path], out: Path, budget: str = "quick", th
     if suite not in SUITES:
         raise GlassmindError(f"unknown suite {suite!r}: choose one of {', '.join(SUITES)}")
     mod, fn, _ = SUITES[suite]
+    if suite == "calibration":
+        from glassmind.evals.calibration import check
+
+        check(runs)  # before any output: a refused eval leaves nothing behind
     if threads:
         import torch
 

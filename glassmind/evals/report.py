@@ -145,7 +145,7 @@ def summary_figure(run: Path, metrics: list[dict], evals: list[tuple[Path, dict]
                 bars.append((f"{res['suite']}: {k}", *map(float, m.groups())))
     if not loss and not bars:
         return None
-    bars = bars[:24]
+    bars = bars[:48]  # the page lists every number; the figure keeps it readable
     fig, axes = plt.subplots(1, 2, figsize=(13, max(3.5, 0.28 * len(bars) + 1)),
                              gridspec_kw={"width_ratios": [1, 1.6]})
     if loss:

@@ -27,6 +27,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "dpo": ("glassmind.recipes.dpo", "direct preference optimisation of an SFT run"),
     "grpo": ("glassmind.recipes.grpo", "group-relative policy optimisation (reward model or verifier)"),
     "serve": ("glassmind.serve.cli", "serve runs: OpenAI-compatible API, continuous batching, a web page"),
+    "eval": ("glassmind.evals.cli", "measure a run's limits: calibration, hallucination, bias, position, reversal, arithmetic"),
+    "report": ("glassmind.evals.report", "write a run's report card: RUN/report/index.html (lineage, plots, evals, autopsies)"),
 }
 
 

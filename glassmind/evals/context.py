@@ -1,0 +1,32 @@
+"""What every suite receives: the runs it reads, where it writes, the budget, a logger."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# per budget: training steps of the from-scratch models and how many probes per condition
+BUDGETS = {
+    "quick": {"steps": 500, "batch_tokens": 1024, "probes": 40},
+    "full": {"steps": 2000, "batch_tokens": 2048, "probes": 120},
+}
+
+
+@dataclass
+class EvalContext:
+    runs: list[Path]
+    out: Path
+    budget: str = "quick"
+    threads: int | None = None
+    command: str | None = None
+    dose: bool = True  # bias: train the planted-bias dose-response models
+    log: object = field(default=print)
+
+    @property
+    def b(self) -> dict:
+        return BUDGETS[self.budget]
+
+    @property
+    def work(self) -> Path:
+        """where from-scratch models are trained (reused by a repeated eval with the same data)"""
+        return self.out / "models"

@@ -1,0 +1,150 @@
+"""The from-scratch suites: each trains small decoders on generated data (glassmind.evals.gen) through the
+pretrain recipe and measures one failure with closed-form ground truth. They need no run: with RUN given they
+write under RUN/evals/<suite>/ so the run's report card shows them.
+
+    position     "lost in the middle" (Liu et al. 2023) per positional encoding
+    reversal     the reversal curse (Berglund et al. 2023), with and without reverse-augmented data
+    arithmetic   addition length generalisation, plain vs reversed digits (Lee et al. 2023)
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from glassmind.evals import gen, output, toy
+from glassmind.evals.context import EvalContext
+from glassmind.evals.stats import wilson
+
+
+def _choose(model, tok, probes) -> list[bool]:
+    lps = toy.candidate_logprobs(model, tok, [p.prompt for p in probes], [p.candidates for p in probes])
+    return [p.candidates[int(np.argmax(lp))] == p.answer for p, lp in zip(probes, lps)]
+
+
+def _acc_row(ok: list[bool], **cond) -> dict:
+    k, n = sum(ok), len(ok)
+    lo, hi = wilson(k, n)
+    return {**cond, "n": n, "correct": k, "accuracy": k / max(n, 1), "ci_lo": lo, "ci_hi": hi}
+
+
+def position(ctx: EvalContext) -> dict:
+    t0 = time.time()
+    n_probe = ctx.b["probes"]
+    test_pairs = (4, 8, 16)
+    docs, probes = gen.position_data(train_pairs=(4, 16), n_train=3000, test_pairs=test_pairs, n_test=n_probe)
+    rows = []
+    for pe in ("sinusoidal", "learned", "rope"):
+        run = toy.train(ctx.work / f"pos-{pe}", docs, positional=pe, steps=ctx.b["steps"], context=192,
+                        batch_tokens=ctx.b["batch_tokens"], threads=ctx.threads, log=ctx.log)
+        model, tok = toy.load(run)
+        ok = _choose(model, tok, probes)
+        for n in test_pairs:
+            for where in ("start", "middle", "end"):
+                sel = [o for o, p in zip(ok, probes) if p.condition["n_pairs"] == n and p.condition["position"] == where]
+                rows.append(_acc_row(sel, positional=pe, n_pairs=n, position=where))
+    output.write_points(ctx.out, rows)
+    fig, axes = output.figure(1, 3, figsize=(12, 3.6), sharey=True)
+    for ax, pe in zip(axes, ("sinusoidal", "learned", "rope")):
+        for n in test_pairs:
+            r = [x for x in rows if x["positional"] == pe and x["n_pairs"] == n]
+            ax.errorbar([0, 1, 2], [x["accuracy"] for x in r], yerr=output.errbars(
+                [x["accuracy"] for x in r], [(x["ci_lo"], x["ci_hi"]) for x in r]), marker="o", capsize=3,
+                label=f"{n} records")
+        ax.axhline(1 / len(gen.FOODS), color="gray", ls=":", label="chance")
+        ax.set_xticks([0, 1, 2], ["start", "middle", "end"])
+        ax.set_title(pe)
+        ax.set_ylim(0, 1.05)
+    axes[0].set_ylabel("retrieval accuracy (95% Wilson)")
+    axes[0].legend(fontsize=8)
+    plots = [output.save(fig, ctx.out / "position.png")]
+    numbers = {}
+    for pe in ("sinusoidal", "learned", "rope"):
+        for where in ("start", "middle", "end"):
+            r = [x for x in rows if x["positional"] == pe and x["n_pairs"] == max(test_pairs) and x["position"] == where][0]
+            numbers[f"{pe} {where} ({max(test_pairs)} records)"] = output.fmt_ci(r["accuracy"], (r["ci_lo"], r["ci_hi"]))
+    return output.write_result(
+        ctx.out, suite="position", title="Position bias: key-value retrieval by place in the context",
+        what=(f"Decoders (d_model 64, 2 layers, {ctx.b['steps']} steps) trained on contexts of 4-16 'Name has food.' "
+              "records followed by a question about one; tested with the record at the start, middle or end of "
+              f"contexts of {', '.join(map(str, test_pairs))} records; chance is 1/{len(gen.FOODS)}."),
+        numbers=numbers, plots=plots, runs=[str(ctx.work / f'pos-{pe}') for pe in ('sinusoidal', 'learned', 'rope')],
+        seconds=time.time() - t0, command=ctx.command)
+
+
+def reversal(ctx: EvalContext) -> dict:
+    t0 = time.time()
+    rows = []
+    for augment in (False, True):
+        docs, probes = gen.reversal_data(n_pairs=ctx.b["probes"], n_bridge=60, augment=augment, repeats=20)
+        name = "rev-augmented" if augment else "rev-forward-only"
+        run = toy.train(ctx.work / name, docs, steps=ctx.b["steps"], batch_tokens=ctx.b["batch_tokens"], threads=ctx.threads, log=ctx.log)
+        model, tok = toy.load(run)
+        ok = _choose(model, tok, probes)
+        for d in ("forward", "reverse"):
+            rows.append(_acc_row([o for o, p in zip(ok, probes) if p.condition["direction"] == d],
+                                 data="with reverse" if augment else "forward only", direction=d,
+                                 chance=1 / ctx.b["probes"]))
+    output.write_points(ctx.out, rows)
+    fig, ax = output.figure(figsize=(5.5, 3.6))
+    for i, d in enumerate(("forward", "reverse")):
+        r = [x for x in rows if x["direction"] == d]
+        ax.bar(np.arange(2) + 0.38 * i, [x["accuracy"] for x in r], 0.38, label=d,
+               yerr=output.errbars([x["accuracy"] for x in r], [(x["ci_lo"], x["ci_hi"]) for x in r]), capsize=3)
+    ax.axhline(1 / ctx.b["probes"], color="gray", ls=":", label="chance")
+    ax.set_xticks(np.arange(2) + 0.19, ["trained forward only", "reverse facts added"])
+    ax.set_ylabel("accuracy (95% Wilson)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    plots = [output.save(fig, ctx.out / "reversal.png")]
+    numbers = {f"{x['direction']} accuracy, {x['data']}": output.fmt_ci(x["accuracy"], (x["ci_lo"], x["ci_hi"]))
+               for x in rows}
+    numbers["chance"] = 1 / ctx.b["probes"]
+    return output.write_result(
+        ctx.out, suite="reversal", title="The reversal curse, from scratch",
+        what=(f"{ctx.b['probes']} pairs stated as \"A's parent is B.\" (20 times each); 60 other pairs in both "
+              "directions teach the reverse template. Test: \"B's child is\" -> A among the "
+              f"{ctx.b['probes']} children (log-probability choice)."),
+        numbers=numbers, plots=plots, seconds=time.time() - t0, command=ctx.command,
+        runs=[str(ctx.work / n) for n in ("rev-forward-only", "rev-augmented")])
+
+
+def arithmetic(ctx: EvalContext) -> dict:
+    t0 = time.time()
+    test_digits = (1, 2, 3, 4, 5)
+    rows = []
+    for rev in (False, True):
+        docs, probes = gen.arithmetic_data(train_digits=3, test_digits=test_digits, reverse=rev,
+                                           n_train=20000, n_test=ctx.b["probes"])
+        name = "add-reversed" if rev else "add-plain"
+        run = toy.train(ctx.work / name, docs, steps=2 * ctx.b["steps"], context=128, batch_tokens=ctx.b["batch_tokens"], threads=ctx.threads,
+                        log=ctx.log)
+        model, tok = toy.load(run)
+        answers = toy.greedy(model, tok, [p.prompt for p in probes], max_new_tokens=14, stop=";")
+        ok = [" ".join(a.split()) == p.answer for a, p in zip(answers, probes)]
+        for d in test_digits:
+            rows.append(_acc_row([o for o, p in zip(ok, probes) if p.condition["digits"] == d],
+                                 digits_format="reversed" if rev else "plain", operand_digits=d,
+                                 trained_on="1-3 digits"))
+    output.write_points(ctx.out, rows)
+    fig, ax = output.figure(figsize=(5.5, 3.6))
+    for fmt in ("plain", "reversed"):
+        r = [x for x in rows if x["digits_format"] == fmt]
+        ax.errorbar(test_digits, [x["accuracy"] for x in r], yerr=output.errbars(
+            [x["accuracy"] for x in r], [(x["ci_lo"], x["ci_hi"]) for x in r]), marker="o", capsize=3, label=fmt)
+    ax.axvspan(0.5, 3.5, color="0.9", label="trained lengths")
+    ax.set_xlabel("digits per operand")
+    ax.set_ylabel("exact-match accuracy (95% Wilson)")
+    ax.set_ylim(-0.02, 1.05)
+    ax.legend(fontsize=8)
+    plots = [output.save(fig, ctx.out / "arithmetic.png")]
+    numbers = {f"{x['digits_format']}, {x['operand_digits']} digits": output.fmt_ci(x["accuracy"], (x["ci_lo"], x["ci_hi"]))
+               for x in rows}
+    return output.write_result(
+        ctx.out, suite="arithmetic", title="Arithmetic length generalisation",
+        what=("Decoders (RoPE, d_model 64, 2 layers) trained on 20,000 additions of 1-3 digit operands, digits "
+              "one token each, written plainly or least significant digit first; greedy exact match on new sums of "
+              "1-5 digit operands. Abacus embeddings (McLeish et al. 2024) are not implemented here."),
+        numbers=numbers, plots=plots, seconds=time.time() - t0, command=ctx.command,
+        runs=[str(ctx.work / n) for n in ("add-plain", "add-reversed")])

@@ -1,0 +1,301 @@
+"""The limits evals' metrics pinned to hand-worked values, and their generators to the exposure counts they
+promise. No model is trained here (the suites' training is exercised by `glassmind eval`, see README)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from glassmind.evals import gen
+from glassmind.evals.stats import aurc, bootstrap_ci, coverage_curve, ece, reliability, weat, weat_effect_size, wilson
+
+
+def test_wilson_interval_matches_hand_worked_values():
+    # k=8, n=10, z=1.96: center (0.8 + 0.19208) / 1.38416 = 0.716781; half = 1.96*sqrt(0.016 + 0.0096040)/1.38416
+    # = 0.226535 -> [0.4902, 0.9433], the Wilson interval for 8/10 in Newcombe 1998 (Clopper-Pearson would be
+    # 0.4439-0.9748). For 0/20 the upper end is z^2/(n+z^2) = 0.1611.
+    z = 1.96
+    center = (0.8 + z * z / 20) / (1 + z * z / 10)
+    half = z * math.sqrt(0.8 * 0.2 / 10 + z * z / 400) / (1 + z * z / 10)
+    lo, hi = wilson(8, 10, z=z)
+    assert (lo, hi) == pytest.approx((center - half, center + half), abs=1e-12)
+    assert (lo, hi) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook Wilson interval for 8/10
+    assert wilson(0, 20)[0] == 0.0 and wilson(0, 20)[1] == pytest.approx(0.1611, abs=1e-4)  # 0/20: not empty
+    with pytest.raises(ValueError):
+        wilson(11, 10)
+
+
+def test_ece_on_a_toy_set_equals_the_hand_sum():
+    # bin (0.2,0.3]: conf 0.25,0.25 acc 0/2 -> gap 0.25; bin (0.8,0.9]: conf 0.9,0.9,0.9,0.9 acc 3/4 -> gap 0.15;
+    # bin (0.9,1]: conf 1.0,1.0 acc 2/2 -> 0. ECE = 2/8*0.25 + 4/8*0.15 + 0 = 0.0625 + 0.075 = 0.1375
+    conf = [0.25, 0.25, 0.9, 0.9, 0.9, 0.9, 1.0, 1.0]
+    ok = [0, 0, 1, 1, 1, 0, 1, 1]
+    assert ece(conf, ok, bins=10) == pytest.approx(0.1375, abs=1e-12)
+    rel = reliability(conf, ok, bins=10)
+    assert [r["count"] for r in rel] == [0, 0, 2, 0, 0, 0, 0, 0, 4, 2]  # 0.9 belongs to (0.8, 0.9], not (0.9, 1]
+    # perfectly calibrated: confidence 0.5 and half right -> 0
+    assert ece([0.5] * 4, [1, 0, 1, 0]) == pytest.approx(0.0)
+    with pytest.raises(ValueError):
+        ece([1.2], [1])
+
+
+def test_accuracy_coverage_area_on_a_toy_curve():
+    # sorted by score: right, right, wrong, wrong -> accuracy at k=1..4: 1, 1, 2/3, 1/2; mean = 19/24
+    score, ok = [0.9, 0.8, 0.7, 0.6], [1, 1, 0, 0]
+    cov, acc = coverage_curve(score, ok)
+    assert cov.tolist() == [0.25, 0.5, 0.75, 1.0]
+    assert acc == pytest.approx([1, 1, 2 / 3, 1 / 2])
+    assert aurc(score, ok) == pytest.approx(19 / 24)
+    # the inverted ranking: 0, 0, 1/3, 1/2 -> 5/24; a constant score is flat at the accuracy (ties kept together)
+    assert aurc([0.1, 0.2, 0.3, 0.4], ok) == pytest.approx(5 / 24)
+    assert aurc([0.5] * 4, ok) == pytest.approx(0.5)
+
+
+def test_weat_on_toy_vectors_with_a_known_effect_size():
+    # A = e1, B = e2. X's words lie at angles with s(x) = cos(x,e1) - cos(x,e2) = +1 or +0.5... built directly:
+    # x1=e1 (s=1), x2=(e1+e3)/sqrt2 (s=0.7071); y1=e2 (s=-1), y2=(e2+e3)/sqrt2 (s=-0.7071).
+    # mean_x - mean_y = 0.85355 + 0.85355 = 1.70711; sample std of {1, .7071, -1, -.7071} = sqrt((1+.5+1+.5)/3) = 1
+    # -> d = 1.70711
+    e1, e2, e3 = np.eye(3)
+    r = 1 / math.sqrt(2)
+    X = np.stack([e1, (e1 + e3) * r])
+    Y = np.stack([e2, (e2 + e3) * r])
+    A, B = e1[None], e2[None]
+    assert weat_effect_size(X, Y, A, B) == pytest.approx(1 + r, abs=1e-9)
+    res = weat(X, Y, A, B)
+    # exact permutation test over the C(4,2)=6 partitions: only the observed one reaches its statistic -> 1/6
+    assert res["exact"] and res["partitions"] == 6
+    assert res["p_value"] == pytest.approx(1 / 6)
+    # swapping the targets flips the sign; identical groups give zero
+    assert weat_effect_size(Y, X, A, B) == pytest.approx(-(1 + r))
+
+
+def test_weat_permutation_p_value_is_uniform_ish_when_there_is_no_effect():
+    rng = np.random.default_rng(0)
+    ps = []
+    for i in range(40):
+        X, Y, A, B = (rng.normal(size=(4, 8)) for _ in range(4))
+        ps.append(weat(X, Y, A, B)["p_value"])
+    # under no effect the one-sided p-value is roughly uniform: neither all tiny nor all near 1
+    assert 0.3 < float(np.mean(ps)) < 0.7
+
+
+def test_bootstrap_interval_covers_the_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(1)
+    small = rng.normal(size=30)
+    big = rng.normal(size=3000)
+    lo, hi = bootstrap_ci(small)
+    assert lo < small.mean() < hi
+    blo, bhi = bootstrap_ci(big)
+    assert (bhi - blo) < (hi - lo) / 5  # width ~ 1/sqrt(n): 10x fewer -> about 10x narrower
+
+
+NAME_COLOR = re.compile(r"([A-Z][a-z]+) is (\w+)\.")
+
+
+def test_exposure_world_states_each_fact_exactly_as_often_as_promised():
+    docs, probes = gen.exposure_world((0, 1, 2, 4, 8, 16), per_level=5)
+    said = Counter(NAME_COLOR.findall(" ".join(docs)))
+    named = Counter(name for (name, _), c in said.items() for _ in range(c))
+    for p in probes:
+        e = p.condition["exposure"]
+        assert said[(p.condition["name"], p.answer)] == e, p
+        assert named[p.condition["name"]] == e  # never stated with any other color either
+        assert p.answer in p.candidates and p.prompt == f"{p.condition['name']} is"
+    assert Counter(p.condition["exposure"] for p in probes) == {e: 5 for e in (0, 1, 2, 4, 8, 16)}
+
+
+def test_reversal_data_never_states_a_test_fact_in_reverse_unless_augmented():
+    for augment in (False, True):
+        docs, probes = gen.reversal_data(n_pairs=10, n_bridge=5, augment=augment, repeats=3)
+        text = " ".join(docs)
+        for p in probes:
+            stated = text.count(f"{p.prompt} {p.answer}.")
+            if p.condition["direction"] == "forward":
+                assert stated == 3
+            else:
+                assert stated == (3 if augment else 0)
+        # the reverse template is learned from the bridge pairs in both variants
+        assert text.count("'s child is") >= 15
+
+
+def test_position_probes_place_the_asked_record_where_they_say():
+    _, probes = gen.position_data(n_train=1, test_pairs=(5, 8), n_test=4)
+    for p in probes:
+        records = re.findall(r"([A-Z][a-z]+) has (\w+)\.", p.prompt)
+        asked = re.search(r"what does ([A-Z][a-z]+) have", p.prompt).group(1)
+        index = [k for k, _ in records].index(asked)
+        n = p.condition["n_pairs"]
+        assert len(records) == n and len({k for k, _ in records}) == n
+        assert index == {"start": 0, "middle": n // 2, "end": n - 1}[p.condition["position"]]
+        assert records[index][1] == p.answer
+
+
+def test_arithmetic_test_sums_are_unseen_and_of_the_promised_length():
+    docs, probes = gen.arithmetic_data(train_digits=2, test_digits=(1, 2, 3), n_train=500, n_test=10, reverse=True)
+    lines = {line.strip() for d in docs for line in d.split(";") if line.strip()}
+    for p in probes:
+        a, b = p.prompt.rstrip(" =").split(" + ")
+        assert len(a.split()) == len(b.split()) == p.condition["digits"]
+        assert f"{p.prompt} {p.answer}" not in lines
+        # reversed digits: least significant first
+        A, B = int(a.replace(" ", "")[::-1]), int(b.replace(" ", "")[::-1])
+        assert p.answer.replace(" ", "")[::-1] == str(A + B)
+    for line in itertools.islice(lines, 50):
+        a, rest = line.split(" + ")
+        assert len(a.split()) <= 2
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, 0.5])
+def test_planted_bias_corpus_hits_its_rate(rate):
+    text = " ".join(gen.planted_bias_corpus(rate, n_sentences=8000, seed=3))
+    pairs = re.findall(r"The (\w+) [^.]*? because (he|she) wanted", text)
+    for occs, pron in ((gen.MALE_CODED, "he"), (gen.FEMALE_CODED, "she")):
+        sel = [p for o, p in pairs if o in occs]
+        share = sum(p == pron for p in sel) / len(sel)
+        assert abs(share - (0.5 + rate / 2)) < 0.035  # ~2700 sentences per group: 3.5 standard errors
+    neutral = [p for o, p in pairs if o in gen.NEUTRAL]
+    assert abs(sum(p == "he" for p in neutral) / len(neutral) - 0.5) < 0.035
+
+
+# ------------------------------------------------------------------------------------------------------
+# the verbs' seams (no training)
+
+
+def _fake_run(path, parent=None, title="fake"):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "card.md").write_text(f"# {title}\n\nwhat\n\nParent: {parent or 'none (trained from scratch)'}\n\n"
+                                  "| quantity | value |\n|---|---|\n| loss | 1.5 |\n")
+    return path
+
+
+def test_report_card_follows_lineage_escapes_text_and_inlines_images(tmp_path):
+    from glassmind.evals import output, report
+
+    a = _fake_run(tmp_path / "pre", title="pretrain")
+    b = _fake_run(tmp_path / "sft", parent=str(a), title="sft <script>alert(1)</script>")
+    c = _fake_run(tmp_path / "dpo", parent=str(b), title="dpo")
+    ev = c / "evals" / "toy"
+    ev.mkdir(parents=True)
+    fig, ax = output.figure()
+    ax.plot([0, 1], [0, 1])
+    plot = output.save(fig, ev / "toy.png")
+    output.write_result(ev, suite="toy", title="Toy <b>eval</b>", what="w", numbers={"acc": "0.500 [0.300, 0.700]"},
+                        plots=[plot], command="glassmind eval x --suite toy")
+    res = report.build(c)
+    page = res["report"].read_text()
+    assert res["lineage"] == [str(c), str(b), str(a)]
+    assert "<script>" not in page and "&lt;script&gt;" in page  # text from files is escaped
+    assert "Toy &lt;b&gt;eval&lt;/b&gt;" in page and "0.500 [0.300, 0.700]" in page
+    srcs = __import__("re").findall(r'src="([^"]*)"', page)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)  # self-contained: no file or CDN
+    assert (c / "report" / "summary.png").exists() and res["summary"] is not None
+
+
+def test_calibration_refuses_a_run_without_chat_tokens_and_names_what_applies(tmp_path):
+    from glassmind.common import GlassmindError
+    from glassmind.evals.cli import run_suite
+
+    run = _fake_run(tmp_path / "pre")
+    (run / "tokenizer.json").write_text('{"added_tokens": [{"content": "<|endoftext|>"}]}')
+    with pytest.raises(GlassmindError, match="hallucination"):
+        run_suite("calibration", [run], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before any output
+
+
+def test_eval_verb_rejects_a_directory_that_is_not_a_run(tmp_path, capsys):
+    from glassmind.evals.cli import main
+
+    assert main([str(tmp_path), "--suite", "position"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_quick_suite_skips_calibration_for_a_base_model(tmp_path):
+    from glassmind.evals.cli import applicable
+
+    run = _fake_run(tmp_path / "pre")
+    (run / "tokenizer.json").write_text("{}")
+    assert "calibration" not in applicable(run)
+    (run / "tokenizer.json").write_text('{"x": "<|assistant|>"}')
+    assert "calibration" in applicable(run)
+
+
+# ------------------------------------------------------------------------------------------------------
+# how the evals read a model: pinned to one unpadded forward pass per sequence
+
+
+class _CharTok:
+    """A tokenizer of single characters (ids 1..), enough to drive the scorers."""
+
+    special_tokens = {"<|endoftext|>": 0}
+
+    def encode(self, text):
+        return [1 + "abcdefgh ".index(c) for c in text]
+
+    def decode(self, ids):
+        return "".join("abcdefgh "[i - 1] if i else "|" for i in ids)
+
+
+def _tiny_decoder():
+    import torch
+
+    from glassmind.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=12, context_length=32, d_model=16, n_heads=2, n_layers=1,
+                                   positional="rope")).eval()
+
+
+def test_candidate_logprobs_equal_the_sum_over_each_candidates_tokens():
+    import torch
+
+    from glassmind.evals import toy
+
+    model, tok = _tiny_decoder(), _CharTok()
+    prompts, cands = ["ab c", "h", ""], [("d", "ee", "fgh"), ("a",), ("ab", "b")]
+    got = toy.candidate_logprobs(model, tok, prompts, cands, batch_size=3)  # batches cut across prompts
+    for p, cs, row in zip(prompts, cands, got):
+        for c, lp in zip(cs, row):
+            pid = tok.encode(p) or [0]
+            ids = pid + tok.encode((" " + c) if p else c)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ids]))[0], -1)
+            want = sum(logp[t - 1, ids[t]].item() for t in range(len(pid), len(ids)))
+            assert lp == pytest.approx(want, abs=1e-5)
+
+
+def test_greedy_continuations_match_step_by_step_argmax():
+    import torch
+
+    from glassmind.evals import toy
+
+    model, tok = _tiny_decoder(), _CharTok()
+    prompts = ["abc", "d", "hgf"]
+    got = toy.greedy(model, tok, prompts, max_new_tokens=4)
+    for p, g in zip(prompts, got):
+        ids = tok.encode(p)
+        with torch.no_grad():
+            for _ in range(4):
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        assert g == tok.decode(ids[len(tok.encode(p)):]).strip()
+
+
+def test_abstention_signals_on_a_hand_worked_distribution():
+    from glassmind.evals.hallucination import signals
+
+    # unnormalised: the candidates' log-probabilities need not sum to one over the closed set (here 0.5 and 0.3)
+    lps = np.log([[0.35, 0.1, 0.05], [0.1, 0.1, 0.1]])
+    s = signals(lps)
+    assert s["choice"].tolist() == [0, 0]
+    assert s["confidence"] == pytest.approx([0.7, 1 / 3])
+    assert s["entropy"] == pytest.approx([0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1),
+                                          math.log(1 / 3)])
+    assert s["logprob"] == pytest.approx([math.log(0.35), math.log(0.1)])  # the sequence's own log-probability
+    # a one-hot distribution always agrees with itself
+    assert signals(np.log([[1.0, 1e-30]]))["agreement"][0] == 1.0

@@ -5,6 +5,7 @@
     3. inference    generations from the decoder under each decoding strategy, with latency metrics
     4. alignment    SFT, reward model, PPO and DPO on the built-in tasks
     5. autopsy      the demo decoder's forward pass explained; an induction head found, ablated, watched forming
+    6. limits       the evals' quick budgets on the final run, and its report card (RUN/report/index.html)
 
 The demo owns its stages and their budgets: each calls recipes (glassmind/recipes), the inference engine or a
 study (the alignment study's stage), never the reverse, and the demo keeps a summary.
@@ -230,6 +231,26 @@ def stage_autopsy(out: Path, budget: str) -> dict:
     return result
 
 
+def stage_evals(out: Path, budget: str) -> dict:
+    """The limits evals at their quick budget on the demo's final (DPO) run, then its report card. At the tiny
+    budget only calibration runs (the other suites train small models of their own: minutes)."""
+    from glassmind.evals.cli import quick_suite, run_suite
+    from glassmind.evals.report import build
+
+    run = out / "align" / "dpo"
+    if budget == "tiny":
+        results = {"calibration": run_suite("calibration", [run], run / "evals" / "calibration", "quick")}
+    else:
+        results = quick_suite(run, run / "evals")
+    for suite, result in results.items():
+        if isinstance(result, dict) and result.get("error"):
+            print(f"  {suite}: {result['error']}")
+    card = build(run)
+    print(f"report card: {card['report']}")
+    return {"suites": sorted(k for k in results if k != "seconds"), "report": str(card["report"]),
+            "seconds": results.get("seconds") if isinstance(results, dict) else None}
+
+
 def serve_command(out: Path) -> str:
     runs = [out / "align" / name for name in ("sft", "ppo", "dpo")] + [out / "pretrain-decoder"]
     return ("glassmind serve " + " ".join(str(r) for r in runs if (r / "config.json").exists())
@@ -276,11 +297,15 @@ def _main(argv: list[str] | None) -> int:
     banner("5. Autopsy: inside the demo decoder's forward pass, and an induction head found, ablated, watched forming")
     summary["autopsy"] = stage_autopsy(out, args.budget)
 
+    banner("6. Limits: calibration, hallucination, bias, position, reversal, arithmetic; the report card")
+    summary["evals"] = stage_evals(out, args.budget)
+
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     banner(f"done in {summary['seconds']:.0f} s. Results are in {out}/")
     for path in sorted(out.iterdir()):
         print(f"  {path}")
+    print(f"\nThe report card of the final run: {summary['evals']['report']}")
     print(f"\nServe these runs (OpenAI-compatible API + a page to chat, see each token's probability, open the "
           f"autopsy, rank replies):\n  {serve_command(out)}")
     return 0

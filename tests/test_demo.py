@@ -55,7 +55,7 @@ def test_demo_runs_every_stage(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) >= {"tokenizers", "pretrain", "generate", "align", "autopsy"}
+    assert set(summary) >= {"tokenizers", "pretrain", "generate", "align", "autopsy", "evals"}
     for run in ("tokenizer-bpe", "tokenizer-wordpiece", "pretrain-decoder", "pretrain-encoder",
                 "pretrain-encoder-decoder", "align/sft", "align/reward", "align/ppo", "align/dpo",
                 "autopsy/autopsy-decoder", "autopsy/induction"):
@@ -65,4 +65,5 @@ def test_demo_runs_every_stage(tmp_path):
         assert r["val_loss_after"] < r["val_loss_before"], arch
     assert "Results are in" in proc.stdout
     assert (out / "autopsy" / "autopsy-decoder" / "report.html").is_file()
+    assert (out / "align" / "dpo" / "report" / "index.html").is_file() and "report card" in proc.stdout
     assert "glassmind serve " in proc.stdout and str(out / "align" / "sft") in proc.stdout

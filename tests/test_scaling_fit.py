@@ -15,7 +15,7 @@ from glassmind.studies.scaling import (BESIROGLU, CHINCHILLA, approach1, approac
                                        compute_optimal_exponents, fit_approach3, fit_kaplan, train_flops)
 
 
-def noisy_points(ref, n=150, sigma=0.01, seed=0):
+def noisy_points(ref, n=100, sigma=0.01, seed=0):
     """Runs spread over 3.5 decades of N and 3 of D, log-loss noise sigma (1% of the loss)."""
     rng = np.random.default_rng(seed)
     N = 10 ** rng.uniform(7, 10.5, n)
@@ -26,7 +26,7 @@ def noisy_points(ref, n=150, sigma=0.01, seed=0):
 @pytest.mark.parametrize("ref", [CHINCHILLA, BESIROGLU], ids=["chinchilla", "besiroglu"])
 def test_approach3_recovers_published_parameters_from_noisy_points(ref):
     N, D, L = noisy_points(ref)
-    fit = fit_approach3(N, D, L, bootstrap=30, seed=0)
+    fit = fit_approach3(N, D, L, bootstrap=10, seed=0)
     assert fit.E == pytest.approx(ref["E"], abs=0.03)
     assert fit.alpha == pytest.approx(ref["alpha"], abs=0.02)
     assert fit.beta == pytest.approx(ref["beta"], abs=0.02)

@@ -59,10 +59,10 @@ def test_seq2seq_learns_to_reverse_a_sequence():
     """A task only attention solves quickly at this size: output the source reversed (the alignment is the
     anti-diagonal). A model that never trained is at chance (1/8 per token)."""
     torch.manual_seed(3)
-    V, S, bos = 10, 6, 9
+    V, S, bos = 10, 5, 9
     model = Seq2Seq(Seq2SeqConfig(vocab_size=V, d_embed=16, d_hidden=32, d_attn=32))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(250):
+    for _ in range(120):  # ~2 s of one core; accuracy passes 0.95 by step 60
         src = torch.randint(1, 9, (32, S))
         tgt = src.flip(1)
         tgt_in = torch.cat([torch.full((32, 1), bos), tgt[:, :-1]], dim=1)

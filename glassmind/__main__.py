@@ -24,7 +24,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "ppo": ("glassmind.train.ppo", "RLHF with PPO against a reward model, KL penalty to the SFT run"),
     "dpo": ("glassmind.train.dpo", "direct preference optimisation of an SFT run"),
     "grpo": ("glassmind.train.grpo", "group-relative policy optimisation (reward model or verifier)"),
-    "study": ("glassmind.studies", "experiments over many runs: scaling, emergence, architectures -> runs/<study>/"),
+    "study": ("glassmind.studies", "experiments over many runs: scaling, architectures -> runs/<study>/"),
 }
 
 

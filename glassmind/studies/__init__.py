@@ -13,10 +13,8 @@ import sys
 STUDIES: dict[str, tuple[str, str]] = {
     "scaling": ("glassmind.studies.scaling", "FLOP-matched grid; Chinchilla approaches 1-3 and Kaplan fits; "
                                              "a pre-registered prediction (--fit points.csv: fit your own)"),
-    "emergence": ("glassmind.studies.emergence", "k-digit addition over model sizes: exact match vs continuous "
-                                                 "metrics (the metric mirage)"),
     "architectures": ("glassmind.studies.architectures", "RNN/LSTM/GRU vs Transformers: throughput, per-position "
-                                                         "loss, vanishing gradients, long-range recall"),
+                                                         "loss, gradient reach (vanishing gradients)"),
 }
 
 

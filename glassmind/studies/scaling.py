@@ -759,6 +759,9 @@ def study(cfg: ScalingConfig, command: str) -> dict:
           f"+ 1 predicted run", flush=True)
     # 2. the grid
     results = run_points(root, _with_run_args(grid, cfg, root, prep), train_point, workers=cfg.workers, label="grid")
+    columns = ["name", "width", "layers", "heads", "N_total", "N_nonemb", "tokens", "steps", "flops_per_token", "C",
+               "C_target", "val_loss", "train_loss", "tokens_per_s", "seconds"]
+    write_csv(root / "points.csv", results, columns)  # readable while the larger run trains
     # 3. fits
     fits = fit_all(results, cfg)
     # 4. the prediction: written (atomically) before the larger run trains; a resumed study keeps the first
@@ -777,9 +780,7 @@ def study(cfg: ScalingConfig, command: str) -> dict:
     pred["measured"] = big_result["val_loss"]
     atomic_write_json(root / "prediction_scored.json", pred)
     # 5. report
-    write_csv(root / "points.csv", results + [big_result],
-              ["name", "width", "layers", "heads", "N_total", "N_nonemb", "tokens", "steps", "flops_per_token", "C",
-               "C_target", "val_loss", "train_loss", "tokens_per_s", "seconds"])
+    write_csv(root / "points.csv", results + [big_result], columns)
     plots = _plots(root, results, fits, pred)
     seconds = time.perf_counter() - t0
     write_card(root, cfg, command, prep, results, fits, pred, seconds, plots)
@@ -799,17 +800,15 @@ def _main(argv: list[str] | None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, ScalingConfig)
     hints = {f.name: f for f in dataclasses.fields(ScalingConfig)}
-    for action in parser._actions:  # `X | None` fields: give the flag X's type
-        if action.dest == "predict_flops":
-            action.type = float
     ns = parser.parse_args(argv)
-    given = {a.dest for a in parser._actions if any(opt in (argv or []) or any(x.startswith(opt + "=") for x in (argv or []))
-                                                    for opt in a.option_strings)}
+    argv = list(argv or [])
+    given = {a.dest for a in parser._actions for opt in a.option_strings
+             if any(x == opt or x.startswith(opt + "=") for x in argv)}
     cfg = ScalingConfig(**{k: v for k, v in vars(ns).items() if k in hints})
     if cfg.fit:
         return run_fit(cfg)
     cfg = apply_budget(cfg, given)
-    study(cfg, command_line("scaling", list(argv or [])))
+    study(cfg, command_line("scaling", argv))
     return 0
 
 

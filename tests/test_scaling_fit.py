@@ -15,8 +15,8 @@ from glassmind.studies.scaling import (BESIROGLU, CHINCHILLA, approach1, approac
                                        compute_optimal_exponents, fit_approach3, fit_kaplan, train_flops)
 
 
-def noisy_points(ref, n=100, sigma=0.01, seed=0):
-    """Runs spread over 3.5 decades of N and 3 of D, log-loss noise sigma (1% of the loss)."""
+def noisy_points(ref, n=150, sigma=0.005, seed=0):
+    """Runs spread over 3.5 decades of N and 3 of D, log-loss noise sigma (0.5% of the loss)."""
     rng = np.random.default_rng(seed)
     N = 10 ** rng.uniform(7, 10.5, n)
     D = 10 ** rng.uniform(9, 12, n)

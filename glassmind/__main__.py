@@ -29,6 +29,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "serve": ("glassmind.serve.cli", "serve runs: OpenAI-compatible API, continuous batching, a web page"),
     "eval": ("glassmind.evals.cli", "measure a run's limits: calibration, hallucination, bias, position, reversal, arithmetic"),
     "report": ("glassmind.evals.report", "write a run's report card: RUN/report/index.html (lineage, plots, evals, autopsies)"),
+    "study": ("glassmind.studies", "experiments over many runs: scaling, architectures, alignment, induction -> runs/<study>/"),
 }
 
 

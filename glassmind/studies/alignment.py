@@ -417,7 +417,7 @@ def ppo_study(sft_run: str | Path, rm_run: str | Path, out_root: str | Path, *, 
 
 def main(argv: list[str] | None = None) -> int:
     def body(argv):
-        p = argparse.ArgumentParser(prog="python -m glassmind.studies.alignment", description=__doc__.split("\n")[0])
+        p = argparse.ArgumentParser(prog="glassmind study alignment", description=__doc__.split("\n")[0])
         p.add_argument("--base", required=True, help="a pre-trained decoder run (e.g. runs/demo/pretrain-decoder)")
         p.add_argument("--out", default="runs/demo/align", help="where the stages write their runs")
         p.add_argument("--study", action="store_true", help="also run PPO with 3 seeds and with KL coefficient 0")

@@ -426,6 +426,19 @@ def test_align_demo_stage_tiny_reports_every_column_and_the_reward_model(base, r
         assert len(claim["gains"]) == 2 and isinstance(claim["claim_met"], bool)
     text = (root / "study" / "ppo_study.md").read_text()
     assert "PPO with the verifier:" in text and "PPO with the verifier for 3 steps:" in text
+    # the studies' conventions: a CSV of every point, a plot, a card with the command
+    import csv
+
+    with open(out / "alignment.csv", encoding="utf-8") as f:
+        cells = list(csv.DictReader(f))
+    assert len(cells) == 4 * (len(T.TASKS) + 1)
+    assert {float(c["accuracy"]) for c in cells if c["task"] == "all" and c["stage"] == "SFT"} == {res["accuracy"]["SFT"]["all"]}
+    with open(root / "study" / "ppo_study.csv", encoding="utf-8") as f:
+        assert [r["run"] for r in csv.DictReader(f)] == list(study["runs"])
+    for folder in (out, root / "study"):
+        assert (folder / "card.md").read_text().count("    glassmind") + (folder / "card.md").read_text().count(
+            "(from Python)") >= 1
+    assert (out / "alignment.png").stat().st_size > 0 and (root / "study" / "ppo_study.png").stat().st_size > 0
 
     # --study-reward: only the reward-model seeds, against another reward model, into OUT/study-<its name>
     assert align_demo.main(["--base", str(base), "--out", str(out), "--study-reward", str(out / "reward"),

@@ -230,7 +230,7 @@ def _table(columns: dict[str, dict]) -> str:
 
 
 def alignment_stage(base_run: str | Path, out_root: str | Path, *, seed: int = 0, budget: str = "small",
-               threads: int | None = None) -> dict:
+                    threads: int | None = None, command: str = "glassmind demo (its alignment stage)") -> dict:
     """SFT -> reward model -> PPO and DPO from `base_run` into `out_root/{sft,reward,ppo,dpo}`; prints the table
     of held-out exact-match accuracy per task (base 3-shot / SFT / PPO / DPO), the reward model's held-out
     pairwise accuracy, and PPO's mean reward and KL. Returns all of it. `budget`: "small" (the demo) or "tiny"
@@ -285,6 +285,11 @@ def alignment_stage(base_run: str | Path, out_root: str | Path, *, seed: int = 0
     print0(text)
     atomic_write_text(out_root / "alignment.md", text + "\n")
     atomic_write_text(out_root / "alignment.json", json.dumps(result, indent=2) + "\n")
+    rows = [{"stage": name, "task": task, "accuracy": acc} for name, accs in result["accuracy"].items()
+            for task, acc in accs.items()]
+    study_files(out_root, "alignment", rows, text, command=command, columns=["stage", "task", "accuracy"],
+                plot=[(name, accs["all"]) for name, accs in result["accuracy"].items()],
+                ylabel=f"held-out accuracy ({result['heldout_prompts']} prompts, verifier)")
     return result
 
 
@@ -346,7 +351,8 @@ def _seed_claim(accs: list[float], sft: float) -> dict:
 
 def ppo_study(sft_run: str | Path, rm_run: str | Path, out_root: str | Path, *, seeds=(0, 1, 2),
               kl0: bool = True, push: dict | None = PUSH, verifier: bool = True, long_steps: int | None = LONG_STEPS,
-              per_task: int = DEMO["final_per_task"], budget: str = "small", **overrides: Any) -> dict:
+              per_task: int = DEMO["final_per_task"], budget: str = "small",
+              command: str = "glassmind.studies.alignment.ppo_study (from Python)", **overrides: Any) -> dict:
     """PPO from one SFT run and one reward model:
 
         seed<s>            the demo's settings with seeds 0, 1, 2: is PPO's change in held-out accuracy larger
@@ -412,10 +418,50 @@ def ppo_study(sft_run: str | Path, rm_run: str | Path, out_root: str | Path, *, 
     print0(text)
     atomic_write_text(out_root / "ppo_study.md", text + "\n")
     atomic_write_text(out_root / "ppo_study.json", json.dumps(summary, indent=2) + "\n")
+    rows = [{"run": name, "accuracy": r["accuracy"], "change": r["accuracy"] - sft_acc["accuracy"],
+             "reward_first": r["reward_first"], "reward_last_quarter": r["reward_last"], "kl_last_quarter": r["kl_last"],
+             **{f"acc_{t}": a for t, a in r["per_task"].items()}} for name, r in results.items()]
+    study_files(out_root, "ppo_study", rows, text, command=command,
+                plot=[("SFT", sft_acc["accuracy"])] + [(name, r["accuracy"]) for name, r in results.items()],
+                ylabel=f"held-out accuracy ({len(examples)} prompts, verifier)")
     return summary
 
 
+def study_files(out_root: Path, name: str, rows: list[dict], text: str, *, command: str,
+                columns: list[str] | None = None, plot: list[tuple[str, float]], ylabel: str) -> None:
+    """The studies' conventions (glassmind/studies/sweep.py): a CSV of every point, a PNG, and card.md with the
+    numbers and the command that made them."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from glassmind.common import atomic_write_bytes
+    from glassmind.studies.sweep import write_csv
+
+    write_csv(out_root / f"{name}.csv", rows, columns)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(plot) + 2), 3.6), dpi=100)
+    ax.bar(range(len(plot)), [v for _, v in plot], color="#4c72b0")
+    ax.set_xticks(range(len(plot)), [k for k, _ in plot], rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.set_ylim(min(v for _, v in plot) * 0.9, 1.0)
+    ax.grid(axis="y", alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(out_root / f"{name}.png", buf.getvalue())
+    card = [f"# {name}", "", "Made by:", "", "    " + command, "", f"![{name}.png]({name}.png)", "", "```", text,
+            "```", ""]
+    atomic_write_text(out_root / "card.md", "\n".join(card))
+
+
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    from glassmind.studies.sweep import command_line
+
     def body(argv):
         p = argparse.ArgumentParser(prog="glassmind study alignment", description=__doc__.split("\n")[0])
         p.add_argument("--base", required=True, help="a pre-trained decoder run (e.g. runs/demo/pretrain-decoder)")
@@ -430,15 +476,16 @@ def main(argv: list[str] | None = None) -> int:
         args = p.parse_args(argv)
         out = Path(args.out)
         per_task = BUDGETS[args.budget]["final_per_task"]
+        command = command_line("alignment", list(argv if argv is not None else sys.argv[1:]))
         if args.study_reward:
             rm = Path(args.study_reward)
             ppo_study(out / "sft", rm, out / f"study-{rm.name}", kl0=False, push=None, verifier=False,
-                      long_steps=None, per_task=per_task, budget=args.budget, threads=args.threads)
+                      long_steps=None, per_task=per_task, budget=args.budget, threads=args.threads, command=command)
             return 0
-        alignment_stage(args.base, args.out, budget=args.budget, threads=args.threads)
+        alignment_stage(args.base, args.out, budget=args.budget, threads=args.threads, command=command)
         if args.study:
             ppo_study(out / "sft", out / "reward", out / "study", per_task=per_task, budget=args.budget,
-                      threads=args.threads)
+                      threads=args.threads, command=command)
         return 0
 
     return run_main(body, argv)

@@ -12,7 +12,6 @@ import json
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -438,18 +437,8 @@ def test_a_ranking_from_the_page_is_read_by_rewards_loader(live):
 
 def test_the_autopsy_route_runs_between_decode_steps_with_the_ids_and_position_given(live, monkeypatch):
     calls = []
-    try:
-        import glassmind.autopsy as real  # noqa: F401
-    except ImportError:   # issue 16 not merged yet: a stand-in with the agreed signature
-        fake = types.ModuleType("glassmind.autopsy")
-        monkeypatch.setitem(sys.modules, "glassmind.autopsy", fake)
-        real = fake
+    import glassmind.autopsy as real
 
-        def autopsy_json(model, tokenizer, ids, *, position=-1, target=None, top_k=5, ablate=True):
-            return {"tokens": [tokenizer.decode([i]) for i in ids], "position": position,
-                    "target": {"id": 0, "piece": "x", "prob": 0.5}, "attention": [], "lens": [],
-                    "attribution": [], "ablation": [], "narration": []}
-        fake.autopsy_json = autopsy_json
     inner = real.autopsy_json
 
     def spy(*a, **kw):

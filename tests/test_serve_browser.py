@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -37,22 +36,6 @@ def need_browser():
         pytest.skip("no browser: " + ", ".join(missing))
 
 
-def fake_autopsy_json(model, tokenizer, ids, *, position=-1, target=None, top_k=5, ablate=True):
-    """The agreed schema with made-up numbers (for when glassmind.autopsy is not there yet)."""
-    T, L, H = len(ids), model.config.n_layers, model.config.n_heads
-    tokens = [tokenizer.decode([i]) for i in ids]
-    att = [[[[1.0 / (i + 1) if j <= i else 0.0 for j in range(T)] for i in range(T)] for _ in range(H)]
-           for _ in range(L)]
-    lens = [[{"top": [[tokens[p], 0.5]], "target_prob": 0.1 * (layer + 1), "target_rank": 3, "entropy": 1.0,
-              "kl_to_final": 0.2} for p in range(T)] for layer in range(L)]
-    return {"tokens": tokens, "position": T - 1 if position == -1 else position,
-            "target": {"id": target or 0, "piece": tokenizer.decode([target or 0]), "prob": 0.25}, "attention": att,
-            "lens": lens, "attribution": [{"component": "layer0.attn", "value": 0.7},
-                                          {"component": "layer1.ffn", "value": -0.3}],
-            "ablation": [{"component": "layer0.head1", "logprob_before": -1.2, "logprob_after": -2.5}],
-            "narration": [{"text": "FAKE NARRATION: layer 0 attends to the previous token", "numbers": [0.7]}]}
-
-
 @pytest.fixture
 def artifacts(tmp_path):
     d = Path(os.environ.get("GLASSMIND_TEST_ARTIFACTS") or tmp_path / "artifacts")
@@ -68,13 +51,6 @@ def test_a_browser_chats_hovers_opens_the_autopsy_and_ranks(tmp_path, artifacts,
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
-
-    try:
-        import glassmind.autopsy  # noqa: F401
-    except ImportError:   # issue 16 not merged here yet: the agreed schema, made-up numbers
-        fake = types.ModuleType("glassmind.autopsy")
-        fake.autopsy_json = fake_autopsy_json
-        monkeypatch.setitem(sys.modules, "glassmind.autopsy", fake)
 
     app, served = make_app(tmp_path, models={"tiny": tiny_run(), "long": tiny_run(context=1024)})
     opts = webdriver.ChromeOptions()
@@ -122,7 +98,8 @@ def test_a_browser_chats_hovers_opens_the_autopsy_and_ranks(tmp_path, artifacts,
             narration = driver.find_element(By.ID, "narration").text
             assert narration.strip()
             lens_rows = driver.find_elements(By.CSS_SELECTOR, "#lens tr")
-            assert len(lens_rows) == served[0].model.config.n_layers + 1
+            # a header, the embeddings, then one row per block (the real autopsy's logit lens)
+            assert len(lens_rows) == served[0].model.config.n_layers + 2
             driver.save_screenshot(str(artifacts / "serve-autopsy.png"))
             # rank: sample, order (a tie), submit, and find it in the preference file
             driver.find_element(By.ID, "tab-rank").click()

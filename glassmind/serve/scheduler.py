@@ -257,11 +257,14 @@ class Scheduler:
             fut.set_exception(e)
 
     def _drop_cancelled(self) -> None:
+        # read `cancelled` once per row: the event loop may cancel a request between two reads, and the batch
+        # and the rows must lose exactly the same rows
         gone = [i for i, r in enumerate(self.rows) if r.req.cancelled]
         if gone:
             reqs = {id(self.rows[i].req) for i in gone}
             self.batch.remove(gone)
-            self.rows = [r for r in self.rows if not r.req.cancelled]
+            drop = set(gone)
+            self.rows = [r for i, r in enumerate(self.rows) if i not in drop]
             if self.metrics:
                 for _ in reqs:
                     self.metrics.finished(self.name, "cancelled")

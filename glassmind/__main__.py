@@ -6,8 +6,9 @@ heavy dependencies (transformers) are needed only by the verbs that use them.
 
 from __future__ import annotations
 
-import importlib
 import sys
+
+from glassmind.common import dispatch
 
 # verb -> (module, one-line summary). Keep in the order of a model's life.
 VERBS: dict[str, tuple[str, str]] = {
@@ -33,30 +34,14 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
-def usage() -> str:
-    width = max(len(v) for v in VERBS)
-    lines = ["usage: glassmind <verb> [options]   (glassmind <verb> --help for a verb's options)", "", "verbs:"]
-    lines += [f"  {verb:<{width}}  {summary}" for verb, (_, summary) in VERBS.items()]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
-        return 0
-    if argv[0] in ("-V", "--version"):
+    if argv[:1] in (["-V"], ["--version"]):
         from glassmind import __version__
 
         print(f"glassmind {__version__}")
         return 0
-    verb, rest = argv[0], argv[1:]
-    if verb not in VERBS:
-        print(f"glassmind: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(VERBS[verb][0])
-    code = module.main(rest)
-    return int(code or 0)
+    return dispatch(VERBS, argv, prog="glassmind", kind="verb", kinds="verbs")
 
 
 if __name__ == "__main__":

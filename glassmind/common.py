@@ -457,6 +457,26 @@ def config_from_args(cls: type, ns: argparse.Namespace, **overrides: Any):
     return cls(**values)
 
 
+def dispatch(table: "dict[str, tuple[str, str]]", argv: "list[str] | None", *, prog: str, kind: str,
+             kinds: str) -> int:
+    """`prog NAME [args]`: import table[NAME]'s module only now and run its main(args); no NAME or --help lists
+    the table. Used by `glassmind VERB` and `glassmind study NAME`."""
+    import importlib
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    width = max(len(name) for name in table)
+    usage = "\n".join([f"usage: {prog} <{kind}> [options]   ({prog} <{kind}> --help for its options)", "",
+                        f"{kinds}:"] + [f"  {name:<{width}}  {summary}" for name, (_, summary) in table.items()])
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in table:
+        print(f"{prog}: unknown {kind} {name!r}\n\n{usage}", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(table[name][0]).main(rest) or 0)
+
+
 def run_main(fn, argv: list[str] | None) -> int:
     """Run a verb's body; a GlassmindError becomes a clear message and exit code 2, not a traceback."""
     try:

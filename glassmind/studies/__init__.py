@@ -6,8 +6,7 @@ One table maps each study to its module's `main(argv)`; modules are imported onl
 
 from __future__ import annotations
 
-import importlib
-import sys
+from glassmind.common import dispatch
 
 # study -> (module, one-line summary)
 STUDIES: dict[str, tuple[str, str]] = {
@@ -22,20 +21,5 @@ STUDIES: dict[str, tuple[str, str]] = {
 }
 
 
-def usage() -> str:
-    width = max(len(s) for s in STUDIES)
-    lines = ["usage: glassmind study <name> [options]   (glassmind study <name> --help)", "", "studies:"]
-    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in STUDIES.items()]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
-        return 0
-    name, rest = argv[0], argv[1:]
-    if name not in STUDIES:
-        print(f"glassmind study: unknown study {name!r}\n\n{usage()}", file=sys.stderr)
-        return 2
-    return int(importlib.import_module(STUDIES[name][0]).main(rest) or 0)
+    return dispatch(STUDIES, argv, prog="glassmind study", kind="study", kinds="studies")

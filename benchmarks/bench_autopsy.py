@@ -26,7 +26,6 @@ the text).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -34,16 +33,9 @@ import torch
 
 from glassmind.model import ModelConfig, Transformer
 from glassmind.autopsy import run_with_cache
+from glassmind.common import cpu_facts  # noqa: E402
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -85,7 +77,7 @@ def main() -> None:
                 cpu[k].append(time.process_time() - c0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     medc = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
-    print(f"CPU: {cpu_name()}; torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
+    print(f"CPU: {cpu_facts().model}; torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{torch.get_num_threads()} threads")
     print(f"demo-decoder shape (d_model 128, 2 layers, 2 heads, vocab 4096), {a.tokens}-token prompt, {rounds} rounds")
     for k in names:

@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,16 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Stack:\n    def __init__(self):",
            "The quick brown fox", "for i in range(10):", "# Read a file and count its lines",
            "return self._cache[key]", "if __name__ == '__main__':"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def stand_in(out: Path) -> Path:
@@ -183,7 +172,9 @@ def main() -> int:
             server.terminate()
             server.wait(timeout=30)
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-    print(f"\nMachine: {cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}, capability "
+    from glassmind.common import cpu_facts
+
+    print(f"\nMachine: {cpu_facts().model} ({os.cpu_count()} cores), torch {torch.__version__}, capability "
           f"{torch.backends.cpu.get_cpu_capability()}, load average {load[0]:.1f} at the end")
     print(f"{args.requests} requests x {args.max_tokens} tokens per level, server --max-batch {args.max_batch} "
           f"--threads {args.threads}; "

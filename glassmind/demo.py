@@ -206,11 +206,13 @@ def stage_generate(out: Path) -> str:
     return table
 
 
-def stage_align(out: Path, budget: str) -> dict:
-    """SFT, reward model, PPO and DPO from the demo decoder; prints the held-out accuracy table."""
+def stage_align(out: Path, budget: str, dtype: str = "auto") -> dict:
+    """SFT, reward model, PPO and DPO from the demo decoder; prints the held-out accuracy table. `dtype`: the
+    demo's --dtype (fp16, a GPU's pre-training dtype with a loss scaler, which these verbs lack: auto)."""
     from glassmind.studies.alignment import alignment_stage
 
-    return alignment_stage(out / "pretrain-decoder", out / "align", budget=budget)
+    return alignment_stage(out / "pretrain-decoder", out / "align", budget=budget,
+                           dtype="auto" if dtype == "fp16" else dtype)
 
 
 def stage_autopsy(out: Path, budget: str) -> dict:
@@ -271,15 +273,15 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--budget", choices=("small", "tiny"), default="small",
                    help="training budget: small (the demo, minutes) or tiny (seconds: a smoke test)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="pre-training compute dtype (default auto: bf16 where this machine computes it natively, "
-                        "else fp32)")
+                   help="compute dtype of pre-training and alignment (default auto: bf16 where this machine "
+                        "computes it natively, else fp32; fp16: pre-training only)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # said once, up front: a demo that crawls is most often bf16 on a CPU that emulates it (issue 13)
     dtype, reason = resolve_dtype(args.dtype, pick_device("auto"))
-    print(f"CPU: {cpu_summary()}; pre-training in {dtype_name(dtype)}", flush=True)
+    print(f"CPU: {cpu_summary()}; training in {dtype_name(dtype)}", flush=True)
     summary: dict = {"cpu": cpu_summary(), "dtype": dtype_name(dtype), "dtype_reason": reason}
 
     banner("1. Tokenizers: byte-level BPE and WordPiece on the built-in corpus")
@@ -292,7 +294,7 @@ def _main(argv: list[str] | None) -> int:
     summary["generate"] = stage_generate(out)
 
     banner("4. Alignment: SFT -> reward model -> PPO and DPO on the built-in tasks (verifier accuracy)")
-    summary["align"] = stage_align(out, args.budget)
+    summary["align"] = stage_align(out, args.budget, args.dtype)
 
     banner("5. Autopsy: inside the demo decoder's forward pass, and an induction head found, ablated, watched forming")
     summary["autopsy"] = stage_autopsy(out, args.budget)

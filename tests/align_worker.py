@@ -30,22 +30,24 @@ VERBS = {"sft": (sft.SFTConfig, sft.sft, sft.SETTINGS, {"parent": "--from"}),
          "dpo": (dpo.DPOConfig, dpo.dpo, dpo.SETTINGS, {})}
 
 
+# Every job computes in fp32 unless it says otherwise (--dtype auto would pick bf16 on a CPU with AMX and fp32 on
+# one without; the layouts are compared with a one-process run at fp32's tolerances). A later --dtype wins.
 def sft_args(parent, out, *extra) -> list[str]:
     return ["--from", str(parent), "--out", str(out), "--steps", "4", "--batch-size", "4", "--n-examples", "40",
             "--lr", "3e-3", "--warmup-steps", "1", "--eval-every", "0", "--eval-per-task", "1", "--ckpt-every", "2",
-            "--threads", "1", "--no-progress", *extra]
+            "--threads", "1", "--no-progress", "--dtype", "fp32", *extra]
 
 
 def reward_args(parent, out, prefs, *extra) -> list[str]:
     return ["--from", str(parent), "--out", str(out), "--data", str(prefs), "--val-fraction", "0.3",
             "--steps", "4", "--batch-size", "2", "--lr", "1e-3", "--warmup-steps", "1", "--eval-every", "0",
-            "--ckpt-every", "2", "--threads", "1", "--no-progress", *extra]
+            "--ckpt-every", "2", "--threads", "1", "--no-progress", "--dtype", "fp32", *extra]
 
 
 def dpo_args(parent, out, *extra) -> list[str]:
     return ["--policy", str(parent), "--out", str(out), "--steps", "4", "--batch-size", "4", "--n-prefs", "8",
             "--lr", "1e-3", "--warmup-steps", "1", "--eval-every", "0", "--eval-per-task", "1",
-            "--final-eval-per-task", "1", "--ckpt-every", "2", "--threads", "1", "--no-progress", *extra]
+            "--final-eval-per-task", "1", "--ckpt-every", "2", "--threads", "1", "--no-progress", "--dtype", "fp32", *extra]
 
 
 def layout(text: str) -> list[str]:
@@ -87,7 +89,7 @@ def jobs(out: Path, base: Path, sft_ref: Path, base3: Path, prefs: Path):
            sft_args(base, out / "sft-ref-resumed-zero2", "--resume", *layout("dp=2,zero=2")),
            lambda: cut_to_step(sft_ref, out / "sft-ref-resumed-zero2", 2))
     yield "reward-zero1", "reward", reward_args(sft_ref, out / "reward-zero1", prefs, *layout("dp=2,zero=1")), None
-    yield "sft-fsdp2-bf16", "sft", sft_args(base, out / "sft-fsdp2-bf16", *layout("fsdp=2,mp=bf16")), None
+    yield "sft-fsdp2-bf16", "sft", sft_args(base, out / "sft-fsdp2-bf16", *layout("fsdp=2"), "--dtype", "bf16"), None
     # wrong layouts: the same clear error on every rank, before any work
     yield "err-pp", "sft", sft_args(base, out / "err-pp", *layout("pp=2")), None
     yield ("err-batch", "reward", reward_args(sft_ref, out / "err-batch", prefs, "--batch-size", "3", *layout("dp=2")),

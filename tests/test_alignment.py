@@ -598,3 +598,58 @@ def test_skip_nonfinite_skips_the_poisoned_update_and_goes_on(verb, base, sft_ru
     assert module.main([*argv, "--skip-nonfinite"]) == 0
     assert seen["skipped"] is True     # the poisoned step made no update ...
     assert seen["calls"] > 2           # ... and the run went on stepping
+
+
+# ----------------------------------------------------------------------------------------------------
+# --dtype auto: every alignment verb computes in what the machine does fast, and says why
+
+
+@pytest.mark.parametrize("verb", ["sft", "reward", "dpo", "ppo", "grpo"])
+@pytest.mark.parametrize("native", [False, True], ids=["avx2-like", "amx-like"])
+def test_every_alignment_verb_computes_in_the_dtype_auto_picks_and_records_why(sft_run, rm_run, base, tmp_path,
+                                                                            monkeypatch, verb, native):
+    """The probe is injected (not this machine's): auto -> bf16 where bf16 is native, fp32 elsewhere; the run's
+    settings and card say which and why, and the training passes really run under that autocast (a spy on the
+    one place they enter it). PPO and GRPO score and update under the same dtype: the first ratio is exactly 1."""
+    from glassmind import common
+    from glassmind.parallel.apply import ParallelModel
+
+    support = common.Bf16Support(native, "injected: " + ("native bf16" if native else "no native bf16"))
+    monkeypatch.setattr(common, "cpu_bf16_support", lambda: support)
+    entered = []
+    original = ParallelModel.autocast
+
+    def spy(self):
+        entered.append(self.autocast_dtype)
+        return original(self)
+
+    monkeypatch.setattr(ParallelModel, "autocast", spy)
+    out = tmp_path / verb
+    argv = {"sft": lambda: args_sft(base, out), "reward": lambda: args_reward(sft_run, out),
+            "dpo": lambda: args_dpo(sft_run, out), "ppo": lambda: args_ppo(sft_run, rm_run, out),
+            "grpo": lambda: args_grpo(sft_run, out)}[verb]()
+    i = argv.index("--steps")
+    argv[i + 1] = "1"
+    mod = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "grpo": grpo}[verb]
+    assert mod.main(argv) == 0
+    want = "bf16" if native else "fp32"
+    saved = json.loads((out / mod.SETTINGS).read_text())
+    assert saved["dtype"] == want
+    assert saved["dtype_reason"] == f"dtype auto -> {want}: {support.why}"
+    assert f"Computed in {want} (dtype auto -> {want}" in (out / "card.md").read_text()
+    assert entered and set(entered) == {torch.bfloat16 if native else None}
+    if verb == "ppo":
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["ratio_first"] == 1.0 for r in rows if "ratio_first" in r)
+
+
+def test_the_dtype_of_a_layout_and_of_dtype_must_agree(tmp_path):
+    """`--parallel mp=bf16` (the older spelling) decides under auto; against an explicit --dtype it must agree."""
+    cfg = sft.SFTConfig(parent="x", out=str(tmp_path / "r"), parallel="dp=1,mp=bf16")
+    got, reason = run_lib.resolve_run_dtype(cfg, sft.SETTINGS, allowed=("fp32", "bf16"))
+    assert got.dtype == "bf16" and reason == "dtype bf16: from --parallel mp=bf16"
+    with pytest.raises(GlassmindError, match="--dtype fp32 and --parallel mp=bf16 disagree"):
+        run_lib.resolve_run_dtype(dataclasses.replace(cfg, dtype="fp32"), sft.SETTINGS)
+    with pytest.raises(GlassmindError, match="this verb computes in fp32 or bf16, not fp16"):
+        run_lib.resolve_run_dtype(dataclasses.replace(cfg, dtype="fp16", parallel=""), sft.SETTINGS,
+                                  allowed=("fp32", "bf16"))

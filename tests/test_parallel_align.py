@@ -88,8 +88,8 @@ def refs(root, bases, prefs):
     assert sft.main(W.sft_args(base, root / "sft-ref")) == 0
     assert reward.main(W.reward_args(root / "sft-ref", root / "reward-ref", prefs)) == 0
     assert dpo.main(W.dpo_args(root / "sft-ref", root / "dpo-ref")) == 0
-    # bf16 in one process: --parallel mp=bf16 with no torchrun is bf16 autocast, the bf16 layouts' reference
-    assert sft.main(W.sft_args(base, root / "sft-bf16-ref", "--parallel", "mp=bf16")) == 0
+    # bf16 in one process: --dtype bf16 with no torchrun is bf16 autocast, the bf16 layouts' reference
+    assert sft.main(W.sft_args(base, root / "sft-bf16-ref", "--dtype", "bf16")) == 0
     return {v: root / f"{v}-ref" for v in ("sft", "reward", "dpo", "sft-bf16")}
 
 
@@ -165,7 +165,7 @@ def test_sft_layout_matches_one_process(launched, refs, layout, capsys):
 
 
 def test_sft_bf16_layout_matches_one_process_bf16(launched, refs):
-    """fsdp=2,mp=bf16 (bf16 compute: FSDP casts the gathered weights; fp32 shards and optimizer state) against
+    """fsdp=2 --dtype bf16 (bf16 compute: FSDP casts the gathered weights; fp32 shards and optimizer state) against
     one process under bf16 autocast. The 4 steps move the loss by 0.13 and an lr-0 run is 0.15 off by step 4
     (measured), so 5e-3 cannot be met by a model that does not train; the gradient norm sees a gradient
     scaled uniformly, which the loss barely does."""

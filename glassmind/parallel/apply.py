@@ -370,10 +370,11 @@ def _broadcast_parameters(model: nn.Module) -> None:
         dist.broadcast(t.data, src=0)
 
 
-def single_process(model: nn.Module) -> ParallelModel:
+def single_process(model: nn.Module, mp: str = "fp32") -> ParallelModel:
     """`model` as one process trains it, with the same calls a layout has (the RL recipes: they roll out
-    through the inference engine on the whole model, so they run in one process)."""
-    return ParallelModel(model, parse_spec("", world_size=1), None)
+    through the inference engine on the whole model, so they run in one process); `mp`: the compute dtype
+    that `autocast()` applies (fp32: none)."""
+    return ParallelModel(model, parse_spec("", world_size=1, mp=mp), None)
 
 
 def apply_parallel(model: nn.Module, spec: ParallelSpec, mesh) -> ParallelModel:

@@ -136,15 +136,16 @@ def whole_model(pm: ParallelModel, rank0_model: nn.Module | None) -> nn.Module |
     return rank0_model
 
 
-def parallel_layout(text: str, verb: str, *, parent: Path, batch_size: int, unit: str):
+def parallel_layout(text: str, verb: str, *, parent: Path, batch_size: int, unit: str, dtype: str = "fp32"):
     """The --parallel layout of an alignment verb, checked before any process group exists, so a wrong one is
     the same clear error on every rank instead of a hang. Data parallel (dp, zero=1|2|3, fsdp) and tensor
-    parallel (tp) are supported, with fp32 or bf16 compute."""
+    parallel (tp) are supported, with fp32 or bf16 compute: `dtype` (the verb's resolved --dtype) unless the
+    layout names its own mp=, as pretrain's does."""
     from glassmind.model import load_config
     from glassmind.parallel.mesh import check_model, parse_spec
     from glassmind.parallel.tensor import check_attention_splits
 
-    spec = parse_spec(text)
+    spec = parse_spec(text, mp=dtype)
     supported = f"{verb} runs data parallel (dp=N, zero=1|2|3, fsdp=N) and tensor parallel (tp=N) layouts"
     if spec.pp > 1:
         raise GlassmindError(f"--parallel {spec}: {supported}, not pipeline stages: drop pp (a pipeline schedule "

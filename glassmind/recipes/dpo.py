@@ -35,7 +35,7 @@ from glassmind.train import losses as rl
 from glassmind.train import metrics
 from glassmind.train.chat_runs import accuracy_row, evaluate_tasks, load_chat_run, require_dir, save_outputs
 from glassmind.train.optim import adamw
-from glassmind.train.run import ParallelRunSettings, Run, set_lr, setup_torch
+from glassmind.train.run import ParallelRunSettings, Run, resolve_run_dtype, set_lr, setup_torch
 from glassmind.train.schedule import lr_at
 
 SETTINGS = "dpo.json"
@@ -113,11 +113,12 @@ def dpo(cfg: DPOConfig) -> dict:
             raise GlassmindError(f"--{name.replace('_', '-')} must be positive")
     if cfg.beta <= 0:
         raise GlassmindError("--beta must be > 0")
-    spec = parallel_layout(cfg.parallel, "dpo", parent=Path(cfg.policy), batch_size=cfg.batch_size, unit="pairs")
+    cfg, dtype_reason = resolve_run_dtype(cfg, SETTINGS, allowed=("fp32", "bf16"))  # auto -> what this CPU does fast
+    spec = parallel_layout(cfg.parallel, "dpo", parent=Path(cfg.policy), batch_size=cfg.batch_size, unit="pairs", dtype=cfg.dtype)
     setup_torch(cfg.threads)
     mesh = init_distributed(spec, "cpu")  # None for one process
     run = Run(cfg, SETTINGS)
-    out = run.start()
+    out = run.start(extra={"dtype_reason": dtype_reason})
 
     policy, tok, fmt = load_chat_run(cfg.policy, "--policy")
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -205,9 +206,10 @@ def dpo(cfg: DPOConfig) -> dict:
     metrics.write_card(
         out, title=f"{out.name}: DPO",
         what=(f"Direct preference optimisation of {cfg.policy} (also the frozen reference), beta {cfg.beta}, {step} "
-              f"steps of {cfg.batch_size} pairs from {cfg.data or 'the built-in rankings'}."),
+              f"steps of {cfg.batch_size} pairs from {cfg.data or 'the built-in rankings'}."
+              + f" Computed in {cfg.dtype} ({dtype_reason})."),
         parent=cfg.policy, numbers={k: v for k, v in summary.items() if k != "run" and v is not None},
-        config=dataclasses.asdict(cfg), plots=["loss.png"])
+        config={**dataclasses.asdict(cfg), "dtype_reason": dtype_reason}, plots=["loss.png"])
     print0(f"dpo done: held-out accuracy {summary['heldout_acc']:.3f}, {out}")
     return summary
 

@@ -18,7 +18,6 @@ import copy
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -29,10 +28,10 @@ from glassmind.train import metrics
 from glassmind.train.chat_runs import accuracy_row, evaluate_tasks, load_chat_run, require_dir, save_outputs
 from glassmind.train.optim import adamw
 from glassmind.train.reward_model import load_reward_model
-from glassmind.train.rollouts import (PolicyWithValue, frozen, minibatch_order, plot_rl, read_prompts,
+from glassmind.train.rollouts import (RLSettings, PolicyWithValue, frozen, minibatch_order, plot_rl, read_prompts,
                                       rl_summary, rollout, sample_seed, score_batch, step_prompts,
                                       verifier_accuracy)
-from glassmind.train.run import Run, RunSettings, set_lr, setup_torch
+from glassmind.train.run import Run, resolve_run_dtype, set_lr, setup_torch
 from glassmind.train.schedule import lr_at
 
 SETTINGS = "grpo.json"
@@ -40,31 +39,13 @@ VERIFIER = "verifier"
 
 
 @dataclass
-class GRPOConfig(RunSettings):
-    policy: str = config_field("", "the SFT run: the starting policy and the frozen reference")
-    reward: str = config_field("", "a reward-model run, or 'verifier' for 1/0 from the built-in tasks' verifier")
+class GRPOConfig(RLSettings):
     out: str = config_field("runs/grpo", "run directory to write")
-    prompts: Optional[str] = config_field(None, "JSONL of {\"prompt\": ...} (default: built-in task prompts; "
-                                                "--reward verifier needs those)")
-    tasks: list[str] = config_field(list(task_lib.TASKS), "built-in tasks whose prompts are used")
-    world_seed: int = config_field(0, "seed of the built-in fictional world")
     steps: int = config_field(40, "GRPO steps")
     prompts_per_step: int = config_field(8, "prompts per step")
     group: int = config_field(8, "G: replies sampled per prompt")
-    max_new_tokens: int = config_field(12, "longest reply")
-    temperature: float = config_field(1.0, "sampling temperature")
     epochs: int = config_field(1, "passes over each batch (1: the ratio is 1 and the clip never binds)")
-    minibatch: int = config_field(16, "replies per gradient step")
-    lr: float = config_field(3e-5, "learning rate (after warmup; constant)")
-    warmup_steps: int = config_field(2, "linear warmup, in steps")
     kl_coef: float = config_field(0.04, "beta of the k3 KL term in the loss (0: no KL, no reference pass)")
-    clip: float = config_field(0.2, "policy ratio clip epsilon")
-    grad_clip: float = config_field(1.0, "clip the global gradient norm (0: off)")
-    seed: int = config_field(0, "seed for prompts, sampling and minibatch order")
-    eval_every: int = config_field(1, "held-out accuracy every N steps (and at the end)")
-    eval_per_task: int = config_field(10, "held-out prompts per task in each evaluation")
-    final_eval_per_task: int = config_field(50, "held-out prompts per task in the final evaluation")
-    ckpt_every: int = config_field(10, "checkpoint every N steps (and at the end)")
 
 
 def check(cfg: GRPOConfig) -> None:
@@ -97,8 +78,9 @@ def grpo_step(cfg: GRPOConfig, step: int, pm, ref, rm, fmt, optimizer, user_prom
                 temperature=cfg.temperature, seed=sample_seed(cfg.seed, step))
     B = len(messages)
     orders = [minibatch_order(cfg.seed, step, e, B, cfg.minibatch) for e in range(cfg.epochs)]
-    old_logp, _, ent, ref_logp = score_batch(model, ref, r, orders[0], temperature=cfg.temperature)
-    with torch.no_grad():
+    with pm.autocast():  # --dtype: the same compute for old, reference and (below) new log-probs
+        old_logp, _, ent, ref_logp = score_batch(model, ref, r, orders[0], temperature=cfg.temperature)
+    with torch.no_grad(), pm.autocast():
         if rm is None:
             rewards = torch.tensor([float(task_lib.verify(e, rep)) for e, rep in zip(r.examples, r.replies)])
         else:
@@ -109,7 +91,8 @@ def grpo_step(cfg: GRPOConfig, step: int, pm, ref, rm, fmt, optimizer, user_prom
     stats: dict[str, list[float]] = {"pg_loss": [], "clipfrac": [], "approx_kl": [], "kl": []}
     for order in orders:
         for idx in order:
-            _, logp, _ = rl.forward_logprobs(model.policy, r.ids[idx], r.attn[idx], temperature=cfg.temperature)
+            with pm.autocast():
+                _, logp, _ = rl.forward_logprobs(model.policy, r.ids[idx], r.attn[idx], temperature=cfg.temperature)
             mask = r.actions[idx]
             pg_loss, pg_stats = rl.ppo_policy_loss(logp, old_logp[idx], adv_tok[idx], mask, cfg.clip)
             kl = rl.masked_mean(rl.kl_estimate(logp, ref_logp[idx], "k3"), mask)
@@ -141,9 +124,10 @@ def grpo(cfg: GRPOConfig) -> dict:
     require_dir(cfg.policy, "--policy")
     if cfg.reward != VERIFIER:
         require_dir(cfg.reward, "--reward")
+    cfg, dtype_reason = resolve_run_dtype(cfg, SETTINGS, allowed=("fp32", "bf16"))  # auto -> what this CPU does fast
     setup_torch(cfg.threads)
     run = Run(cfg, SETTINGS)
-    out = run.start()
+    out = run.start(extra={"dtype_reason": dtype_reason})
 
     policy, tok, fmt = load_chat_run(cfg.policy, "--policy")
     rl.check_pad_eos(fmt.pad_id, fmt.end_id)
@@ -154,7 +138,7 @@ def grpo(cfg: GRPOConfig) -> dict:
     user_prompts = read_prompts(cfg.prompts) if cfg.prompts else None
     heldout = task_lib.heldout_examples(cfg.eval_per_task, cfg.tasks, cfg.world_seed)
 
-    pm = single_process(model)
+    pm = single_process(model, mp=cfg.dtype)  # pm.autocast(): the scoring and update passes in cfg.dtype
     optimizer = adamw(model, lr=cfg.lr, weight_decay=0.0)
     log = run.log
     step, _ = run.resume(pm, optimizer)
@@ -195,9 +179,10 @@ def grpo(cfg: GRPOConfig) -> dict:
         out, title=f"{out.name}: GRPO",
         what=(f"GRPO from {cfg.policy}: {step} steps of {cfg.prompts_per_step} prompts x {cfg.group} replies, "
               f"reward from {'the verifier' if rm is None else 'the reward model ' + cfg.reward}, group-relative "
-              f"advantages, no value model, KL coefficient {cfg.kl_coef} (k3 in the loss)."),
+              f"advantages, no value model, KL coefficient {cfg.kl_coef} (k3 in the loss)."
+              + f" Computed in {cfg.dtype} ({dtype_reason})."),
         parent=cfg.policy, numbers={k: v for k, v in summary.items() if k != "run" and v is not None},
-        config=dataclasses.asdict(cfg), plots=["grpo.png"])
+        config={**dataclasses.asdict(cfg), "dtype_reason": dtype_reason}, plots=["grpo.png"])
     print0(f"grpo done: held-out accuracy {summary['heldout_acc']:.3f}, {out}")
     return summary
 

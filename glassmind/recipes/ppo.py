@@ -29,6 +29,10 @@ computed at that same T: the ratio and the KL are those of the policy that acted
 Exactness at the first step: the reference is a copy of the initial policy and every log-prob of a batch comes
 from the same function on the same minibatch (scoring uses epoch 0's minibatch order), so at step 0 the KL is
 exactly 0 and in every step the first minibatch's ratio is exactly 1.
+Compute dtype (--dtype, auto: bf16 where the CPU computes it natively): scoring, the reward model and the
+updates run under that autocast, so the exactness above holds in bf16 too; the rollouts are sampled by the
+inference engine in fp32, a small gap between the policy that acted and the one scored (the same gap a trainer
+has with a separate inference server), which the old log-probs absorb: the ratio is taken against them.
 """
 
 from __future__ import annotations
@@ -52,10 +56,10 @@ from glassmind.train import metrics
 from glassmind.train.chat_runs import accuracy_row, evaluate_tasks, load_chat_run, require_dir, save_outputs
 from glassmind.train.optim import adamw
 from glassmind.train.reward_model import load_reward_model
-from glassmind.train.rollouts import (PolicyWithValue, frozen, minibatch_order, plot_rl, policy_forward,
+from glassmind.train.rollouts import (RLSettings, PolicyWithValue, frozen, minibatch_order, plot_rl, policy_forward,
                                       read_prompts, rl_summary, rollout, sample_seed, score_batch,
                                       step_prompts, verifier_accuracy, zero_value_head)
-from glassmind.train.run import Run, RunSettings, set_lr, setup_torch
+from glassmind.train.run import Run, resolve_run_dtype, set_lr, setup_torch
 from glassmind.train.schedule import lr_at
 
 SETTINGS = "ppo.json"
@@ -68,24 +72,14 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 @dataclass
-class PPOConfig(RunSettings):
-    policy: str = config_field("", "the SFT run: the starting policy and the frozen reference")
+class PPOConfig(RLSettings):
     reward: str = config_field("", "the reward-model run (glassmind reward), or 'verifier': 1/0 from the built-in "
                                    "tasks' verifier instead of a learned model (a diagnostic: is the reward model "
                                    "what limits PPO?)")
     out: str = config_field("runs/ppo", "run directory to write")
-    prompts: Optional[str] = config_field(None, "JSONL of {\"prompt\": text or messages} (default: built-in "
-                                                "task prompts)")
-    tasks: list[str] = config_field(list(task_lib.TASKS), "built-in tasks whose prompts are used")
-    world_seed: int = config_field(0, "seed of the built-in fictional world")
     steps: int = config_field(40, "PPO steps (each: rollouts, scoring, several epochs of updates)")
     rollouts: int = config_field(64, "prompts per step, one sampled reply each")
-    max_new_tokens: int = config_field(12, "longest reply")
-    temperature: float = config_field(1.0, "sampling temperature of the rollouts (1 = the policy itself)")
     ppo_epochs: int = config_field(4, "passes over each batch of rollouts")
-    minibatch: int = config_field(16, "rollouts per gradient step")
-    lr: float = config_field(3e-5, "learning rate (after warmup; constant)")
-    warmup_steps: int = config_field(2, "linear warmup, in PPO steps")
     kl_coef: float = config_field(0.05, "beta: weight of the per-token KL penalty (0: no penalty)")
     kl_estimator: str = config_field("k1", "per-token KL estimator: k1 = log(pi/ref), k3 = (r-1) - log r",
                            choices=("k1", "k3"))
@@ -94,7 +88,6 @@ class PPOConfig(RunSettings):
     kl_horizon: int = config_field(10000, "adaptive KL: the horizon in replies")
     gamma: float = config_field(1.0, "discount")
     lam: float = config_field(0.95, "GAE lambda")
-    clip: float = config_field(0.2, "policy ratio clip epsilon")
     vf_clip: float = config_field(0.2, "value clip")
     vf_coef: float = config_field(0.1, "weight of the value loss")
     value_warmup_steps: int = config_field(0, "first N steps train the value head alone (policy frozen, no "
@@ -107,12 +100,6 @@ class PPOConfig(RunSettings):
     truncation_penalty: float = config_field(0.0, "subtracted from the (normalised) score of a reply cut by "
                                                   "--max-new-tokens before it wrote <|end|>")
     whiten_advantages: bool = config_field(True, "normalise advantages to mean 0, std 1 per batch")
-    grad_clip: float = config_field(1.0, "clip the global gradient norm (0: off)")
-    seed: int = config_field(0, "seed for prompts, sampling and minibatch order")
-    eval_every: int = config_field(1, "held-out accuracy every N steps (and at the end)")
-    eval_per_task: int = config_field(10, "held-out prompts per task in each evaluation")
-    final_eval_per_task: int = config_field(50, "held-out prompts per task in the final evaluation")
-    ckpt_every: int = config_field(10, "checkpoint every N steps (and at the end)")
 
 
 def check(cfg: PPOConfig) -> None:
@@ -164,8 +151,9 @@ def ppo_step(cfg: PPOConfig, step: int, pm, ref: nn.Module, rm: nn.Module, fmt: 
     orders = [minibatch_order(cfg.seed, step, e, cfg.rollouts, cfg.minibatch) for e in range(cfg.ppo_epochs)]
 
     # -- 3. scoring ---------------------------------------------------------------------------------------
-    old_logp, values, ent, ref_logp = score_batch(model, ref, r, orders[0], temperature=cfg.temperature)
-    with torch.no_grad():
+    with pm.autocast():  # --dtype: the same compute for old, reference and (below) new log-probs
+        old_logp, values, ent, ref_logp = score_batch(model, ref, r, orders[0], temperature=cfg.temperature)
+    with torch.no_grad(), pm.autocast():
         if rm is None:  # --reward verifier: the task's verdict, 1 or 0
             scores = torch.tensor([float(task_lib.verify(e, rep)) for e, rep in zip(r.examples, r.replies)])
         else:
@@ -205,8 +193,9 @@ def ppo_step(cfg: PPOConfig, step: int, pm, ref: nn.Module, rm: nn.Module, fmt: 
     warmup = step < cfg.value_warmup_steps
     for order in orders:
         for idx in order:
-            logp, v, _ = policy_forward(model, r.ids[idx], r.attn[idx], temperature=cfg.temperature,
-                                        value_only=warmup)
+            with pm.autocast():
+                logp, v, _ = policy_forward(model, r.ids[idx], r.attn[idx], temperature=cfg.temperature,
+                                            value_only=warmup)
             mask = r.actions[idx]
             pg_loss, pg_stats = rl.ppo_policy_loss(logp, old_logp[idx], advantages[idx], mask, cfg.clip)
             vf_loss, vf_stats = rl.ppo_value_loss(v, values[idx], returns[idx], mask,
@@ -250,9 +239,10 @@ def ppo(cfg: PPOConfig) -> dict:
         require_dir(cfg.reward, "--reward")
     elif cfg.prompts:
         raise GlassmindError("--reward verifier checks the built-in tasks' answers: drop --prompts")
+    cfg, dtype_reason = resolve_run_dtype(cfg, SETTINGS, allowed=("fp32", "bf16"))  # auto -> what this CPU does fast
     setup_torch(cfg.threads)
     run = Run(cfg, SETTINGS)
-    out = run.start()
+    out = run.start(extra={"dtype_reason": dtype_reason})
 
     policy, tok, fmt = load_chat_run(cfg.policy, "--policy")
     rl.check_pad_eos(fmt.pad_id, fmt.end_id)
@@ -265,7 +255,7 @@ def ppo(cfg: PPOConfig) -> dict:
     user_prompts = read_prompts(cfg.prompts) if cfg.prompts else None
     heldout = task_lib.heldout_examples(cfg.eval_per_task, cfg.tasks, cfg.world_seed)
 
-    pm = single_process(model)
+    pm = single_process(model, mp=cfg.dtype)  # pm.autocast(): the scoring and update passes in cfg.dtype
     optimizer = adamw(model, lr=cfg.lr, weight_decay=0.0)
     kl_ctl = rl.KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     moments = rl.RunningMoments()
@@ -321,9 +311,10 @@ def ppo(cfg: PPOConfig) -> dict:
               f"rollouts, {cfg.ppo_epochs} epochs of minibatches of {cfg.minibatch}, per-token KL penalty "
               f"({cfg.kl_estimator}, beta {cfg.kl_coef}{', adaptive to ' + str(cfg.kl_target) if cfg.kl_target else ''}"
               "), GAE, clipped policy and value losses; value head on the policy trunk. Held-out accuracy from the "
-              "verifier over " + str(len(final["samples"])) + " prompts."),
+              "verifier over " + str(len(final["samples"])) + " prompts."
+              + f" Computed in {cfg.dtype} ({dtype_reason})."),
         parent=cfg.policy, numbers={k: v for k, v in summary.items() if k != "run" and v is not None},
-        config=dataclasses.asdict(cfg), plots=["ppo.png"])
+        config={**dataclasses.asdict(cfg), "dtype_reason": dtype_reason}, plots=["ppo.png"])
     print0(f"ppo done: held-out accuracy {summary['heldout_acc']:.3f}, reward {summary['reward_first']:+.3f} -> "
            f"{summary['reward_last_quarter']:+.3f}, KL {summary['kl_last_quarter']:.3f}, {out}")
     return summary

@@ -27,7 +27,6 @@ one-process format, so a run resumes under any layout.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -40,8 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from glassmind.common import (GlassmindError, config_field, cpu_summary, dtype_name, is_rank0, pick_device, print0,
-                              rank, resolve_dtype,
+from glassmind.common import (GlassmindError, config_field, cpu_summary, is_rank0, pick_device, print0, rank,
                               seed_everything, world_size)
 from glassmind.data import objectives
 from glassmind.data.loader import WindowLoader
@@ -49,7 +47,7 @@ from glassmind.data.shards import Shards, build_shards, separator_id
 from glassmind.train import metrics
 from glassmind.train import run as run_lib
 from glassmind.train.optim import adamw
-from glassmind.train.run import ParallelRunSettings, Run, setup_torch
+from glassmind.train.run import ParallelRunSettings, Run, resolve_run_dtype, setup_torch
 from glassmind.train.schedule import lr_at
 
 ARCHS = ("decoder", "encoder", "encoder-decoder")
@@ -198,15 +196,9 @@ def data_parallel_size(cfg: PretrainConfig) -> int:
 
 
 def resolve_config_dtype(cfg: PretrainConfig) -> tuple[PretrainConfig, str]:
-    """`--dtype auto` -> the dtype this machine computes fast (common.resolve_dtype), written into the config
-    so that pretrain.json and the card say what ran. A resumed run keeps the dtype it started with."""
-    if cfg.dtype == "auto" and cfg.resume and (Path(cfg.out) / CONFIG_FILE).exists():
-        saved = json.loads((Path(cfg.out) / CONFIG_FILE).read_text(encoding="utf-8"))
-        if saved.get("dtype", "auto") != "auto":
-            return (dataclasses.replace(cfg, dtype=saved["dtype"]),
-                    saved.get("dtype_reason", f"dtype auto -> {saved['dtype']}: the resumed run's"))
-    dtype, reason = resolve_dtype(cfg.dtype, pick_device(cfg.device))
-    return dataclasses.replace(cfg, dtype=dtype_name(dtype)), reason
+    """`--dtype auto` -> the dtype this machine computes fast, written into the config so that pretrain.json and
+    the card say what ran (train.run.resolve_run_dtype: a resumed run keeps the dtype it started with)."""
+    return resolve_run_dtype(cfg, CONFIG_FILE, pick_device(cfg.device))
 
 
 def setup_device(cfg: PretrainConfig) -> tuple[torch.device, torch.dtype]:

@@ -38,7 +38,7 @@ from glassmind.train.chat_runs import load_chat_run, require_dir
 from glassmind.train.optim import adamw
 from glassmind.train.reward_model import (SCORES, RewardModel, pair_weight, pairwise_accuracy, ranking_loss,
                                           render_preference, score_rankings)
-from glassmind.train.run import ParallelRunSettings, Run, set_lr, setup_torch
+from glassmind.train.run import ParallelRunSettings, Run, resolve_run_dtype, set_lr, setup_torch
 from glassmind.train.schedule import lr_at
 
 SETTINGS = "reward.json"
@@ -105,7 +105,8 @@ def train_reward(cfg: RewardConfig) -> dict:
             raise GlassmindError(f"--{name.replace('_', '-')} must be positive")
     if cfg.score not in SCORES:
         raise GlassmindError(f"--score {cfg.score!r}: use one of {', '.join(SCORES)}")
-    spec = parallel_layout(cfg.parallel, "reward", parent=parent, batch_size=cfg.batch_size, unit="rankings")
+    cfg, dtype_reason = resolve_run_dtype(cfg, SETTINGS, allowed=("fp32", "bf16"))  # auto -> what this CPU does fast
+    spec = parallel_layout(cfg.parallel, "reward", parent=parent, batch_size=cfg.batch_size, unit="rankings", dtype=cfg.dtype)
     if spec.world > 1 and (cfg.score != "head" or cfg.freeze_trunk):
         raise GlassmindError(f"--parallel {spec}: --score head+loglik and --freeze-trunk run in one process only")
     if spec.world > 1 and spec.zero < 2 and spec.tp == 1:
@@ -119,7 +120,7 @@ def train_reward(cfg: RewardConfig) -> dict:
     setup_torch(cfg.threads)
     mesh = init_distributed(spec, "cpu")  # None for one process
     run = Run(cfg, SETTINGS)
-    out = run.start()
+    out = run.start(extra={"dtype_reason": dtype_reason})
 
     trunk, tok, fmt = load_chat_run(parent, "--from")
     torch.manual_seed(cfg.seed)  # the head's init
@@ -208,9 +209,10 @@ def train_reward(cfg: RewardConfig) -> dict:
               + (" + the trunk's log-likelihood of the reply" if cfg.score == "head+loglik" else "")
               + (" (trunk frozen)" if cfg.freeze_trunk else "") + f", initialised from {parent}, "
               f"trained {step} steps with the Bradley-Terry loss over every pair of {cfg.batch_size} rankings per "
-              f"step ({cfg.data or 'built-in preferences, K = 5, rule in glassmind/data/tasks.py'})."),
+              f"step ({cfg.data or 'built-in preferences, K = 5, rule in glassmind/data/tasks.py'})."
+              + f" Computed in {cfg.dtype} ({dtype_reason})."),
         parent=str(parent), numbers={k: v for k, v in summary.items() if k != "run" and v is not None},
-        config=dataclasses.asdict(cfg), plots=["loss.png"])
+        config={**dataclasses.asdict(cfg), "dtype_reason": dtype_reason}, plots=["loss.png"])
     if final:
         print0(f"reward done: held-out pairwise accuracy {summary['pairwise_acc_start']:.3f} -> "
                f"{summary['pairwise_acc']:.3f} over {summary['heldout_pairs']} pairs, {out}")

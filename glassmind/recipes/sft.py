@@ -42,7 +42,7 @@ from glassmind.tokenizer.chat import ChatFormat, add_chat_tokens
 from glassmind.train import metrics
 from glassmind.train.chat_runs import accuracy_row, evaluate_tasks, require_dir, save_outputs
 from glassmind.train.optim import adamw
-from glassmind.train.run import ParallelRunSettings, Run, set_lr, setup_torch
+from glassmind.train.run import ParallelRunSettings, Run, resolve_run_dtype, set_lr, setup_torch
 from glassmind.train.schedule import lr_at
 
 # ======================================================================================================
@@ -185,11 +185,12 @@ def sft(cfg: SFTConfig) -> dict:
     for name in ("steps", "batch_size", "n_examples"):
         if getattr(cfg, name) <= 0:
             raise GlassmindError(f"--{name.replace('_', '-')} must be positive")
-    spec = parallel_layout(cfg.parallel, "sft", parent=parent, batch_size=cfg.batch_size, unit="conversations")
+    cfg, dtype_reason = resolve_run_dtype(cfg, SETTINGS, allowed=("fp32", "bf16"))  # auto -> what this CPU does fast
+    spec = parallel_layout(cfg.parallel, "sft", parent=parent, batch_size=cfg.batch_size, unit="conversations", dtype=cfg.dtype)
     setup_torch(cfg.threads)
     mesh = init_distributed(spec, "cpu")  # the alignment verbs compute on the CPU: gloo; None for one process
     run = Run(cfg, SETTINGS)
-    out = run.start()
+    out = run.start(extra={"dtype_reason": dtype_reason})
 
     model, tok, fmt = chat_model(parent)
     rows = render_all(fmt, conversations(cfg), model.config.context_length)
@@ -269,9 +270,10 @@ def sft(cfg: SFTConfig) -> dict:
         out, title=f"{out.name}: instruction-tuned (SFT)",
         what=(f"Supervised fine-tuning of {parent} for {step} steps of {cfg.batch_size} conversations "
               f"({'built-in tasks ' + ', '.join(cfg.tasks) if not cfg.data else cfg.data}), loss on assistant "
-              "tokens only; chat tokens " + ", ".join(fmt.tokenizer.special_tokens) + "."),
+              "tokens only; chat tokens " + ", ".join(fmt.tokenizer.special_tokens) + "."
+              + f" Computed in {cfg.dtype} ({dtype_reason})."),
         parent=str(parent), numbers={k: v for k, v in summary.items() if k != "run"},
-        config=dataclasses.asdict(cfg), plots=["loss.png"])
+        config={**dataclasses.asdict(cfg), "dtype_reason": dtype_reason}, plots=["loss.png"])
     print0(f"sft done: held-out accuracy {summary['heldout_acc_start']:.3f} -> {summary['heldout_acc']:.3f}, {out}")
     return summary
 

@@ -230,11 +230,12 @@ def _table(columns: dict[str, dict]) -> str:
 
 
 def alignment_stage(base_run: str | Path, out_root: str | Path, *, seed: int = 0, budget: str = "small",
-                    threads: int | None = None, command: str = "glassmind demo (its alignment stage)") -> dict:
+                    threads: int | None = None, dtype: str = "auto",
+                    command: str = "glassmind demo (its alignment stage)") -> dict:
     """SFT -> reward model -> PPO and DPO from `base_run` into `out_root/{sft,reward,ppo,dpo}`; prints the table
     of held-out exact-match accuracy per task (base 3-shot / SFT / PPO / DPO), the reward model's held-out
     pairwise accuracy, and PPO's mean reward and KL. Returns all of it. `budget`: "small" (the demo) or "tiny"
-    (a smoke test)."""
+    (a smoke test). `dtype`: every stage's --dtype (auto: bf16 where the CPU computes it natively, else fp32)."""
     if budget not in BUDGETS:
         raise GlassmindError(f"budget {budget!r}: use one of {', '.join(BUDGETS)}")
     base_run, out_root = Path(base_run), Path(out_root)
@@ -248,7 +249,7 @@ def alignment_stage(base_run: str | Path, out_root: str | Path, *, seed: int = 0
         from glassmind.train.run import setup_torch
 
         setup_torch(threads)  # the measurements in this process, as the stages do for theirs
-    stages["sft"] = _stage("sft", runs["sft"], budget, parent=str(base_run), seed=seed, threads=threads)
+    stages["sft"] = _stage("sft", runs["sft"], budget, parent=str(base_run), seed=seed, threads=threads, dtype=dtype)
     t1, c1 = time.perf_counter(), time.process_time()
     data = out_root / "reward-data.jsonl"
     if not data.exists():
@@ -256,10 +257,10 @@ def alignment_stage(base_run: str | Path, out_root: str | Path, *, seed: int = 0
     stages["reward_data"] = {**stages.get("reward_data", {}), "seconds": time.perf_counter() - t1,
                              "cpu_seconds": time.process_time() - c1}
     stages["reward"] = _stage("reward", runs["reward"], budget, parent=str(runs["sft"]), data=str(data), seed=seed,
-                              threads=threads)
+                              threads=threads, dtype=dtype)
     stages["ppo"] = _stage("ppo", runs["ppo"], budget, policy=str(runs["sft"]), reward=str(runs["reward"]),
-                           seed=seed, threads=threads)
-    stages["dpo"] = _stage("dpo", runs["dpo"], budget, policy=str(runs["sft"]), seed=seed, threads=threads)
+                           seed=seed, threads=threads, dtype=dtype)
+    stages["dpo"] = _stage("dpo", runs["dpo"], budget, policy=str(runs["sft"]), seed=seed, threads=threads, dtype=dtype)
 
     examples = heldout(BUDGETS[budget]["final_per_task"])
     columns = {"base (3-shot)": base_accuracy(base_run, examples), "SFT": chat_accuracy(runs["sft"], examples),
@@ -280,6 +281,7 @@ def alignment_stage(base_run: str | Path, out_root: str | Path, *, seed: int = 0
         "stage_seconds": {s: round(v["seconds"], 1) for s, v in stages.items()},
         "stage_cpu_seconds": {s: round(v["cpu_seconds"], 1) for s, v in stages.items()},
         "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1),
+        "dtype": {s: json.loads((runs[s] / f"{s}.json").read_text(encoding="utf-8"))["dtype"] for s in runs},
     }
     text = report(result, columns)
     print0(text)
@@ -313,6 +315,7 @@ def report(result: dict, columns: dict[str, dict]) -> str:
              _rm_line(result["reward_model"]),
              f"PPO mean RM reward: step 1 {r[0]:+.3f} -> last {quarter} steps {statistics.fmean(r[-quarter:]):+.3f}; "
              f"KL per reply over the last {quarter} steps {statistics.fmean(k[-quarter:]):.3f} (max {max(k):.3f})",
+             "Compute dtype: " + ", ".join(f"{s} {d}" for s, d in result.get("dtype", {}).items()),
              "Stage seconds: " + ", ".join(f"{s} {v}" for s, v in result["stage_seconds"].items())
              + f"; total {result['seconds']} s (CPU time of this process: total {result['cpu_seconds']} s; "
              + ", ".join(f"{s} {v}" for s, v in result["stage_cpu_seconds"].items()) + ")"]
@@ -473,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
                             "larger SFT model), into OUT/study-<its name>")
         p.add_argument("--budget", choices=tuple(BUDGETS), default="small",
                        help="small (the demo's settings) or tiny (a smoke test)")
+        p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                       help="every stage's compute dtype (default auto: bf16 where this CPU computes it natively, "
+                            "else fp32)")
         args = p.parse_args(argv)
         out = Path(args.out)
         per_task = BUDGETS[args.budget]["final_per_task"]
@@ -480,12 +486,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.study_reward:
             rm = Path(args.study_reward)
             ppo_study(out / "sft", rm, out / f"study-{rm.name}", kl0=False, push=None, verifier=False,
-                      long_steps=None, per_task=per_task, budget=args.budget, threads=args.threads, command=command)
+                      long_steps=None, per_task=per_task, budget=args.budget, threads=args.threads, command=command,
+                      dtype=args.dtype)
             return 0
-        alignment_stage(args.base, args.out, budget=args.budget, threads=args.threads, command=command)
+        alignment_stage(args.base, args.out, budget=args.budget, threads=args.threads, dtype=args.dtype,
+                        command=command)
         if args.study:
             ppo_study(out / "sft", out / "reward", out / "study", per_task=per_task, budget=args.budget,
-                      threads=args.threads, command=command)
+                      threads=args.threads, command=command, dtype=args.dtype)
         return 0
 
     return run_main(body, argv)

@@ -8,17 +8,45 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from glassmind.common import GlassmindError
+from glassmind.common import GlassmindError, config_field
 from glassmind.data import tasks as task_lib
 from glassmind.model.heads import ScalarHead
 from glassmind.tokenizer.chat import ChatFormat
 from glassmind.train import losses as rl
 from glassmind.train.chat_runs import generate
+from glassmind.train.run import RunSettings
+
+
+@dataclass
+class RLSettings(RunSettings):
+    """What the RL verbs (ppo, grpo) share besides the run settings: where prompts and rewards come from, how
+    replies are sampled, the clipped update's dials and the held-out evaluation. A verb's config extends it."""
+
+    policy: str = config_field("", "the SFT run: the starting policy and the frozen reference")
+    reward: str = config_field("", "a reward-model run (glassmind reward), or 'verifier' for 1/0 from the "
+                                   "built-in tasks' verifier")
+    prompts: Optional[str] = config_field(None, "JSONL of {\"prompt\": text or messages} (default: built-in "
+                                                "task prompts; --reward verifier needs those)")
+    tasks: list[str] = config_field(list(task_lib.TASKS), "built-in tasks whose prompts are used")
+    world_seed: int = config_field(0, "seed of the built-in fictional world")
+    steps: int = config_field(40, "RL steps (each: rollouts, scoring, updates)")
+    max_new_tokens: int = config_field(12, "longest reply")
+    temperature: float = config_field(1.0, "sampling temperature of the rollouts (1 = the policy itself)")
+    minibatch: int = config_field(16, "replies per gradient step")
+    lr: float = config_field(3e-5, "learning rate (after warmup; constant)")
+    warmup_steps: int = config_field(2, "linear warmup, in steps")
+    clip: float = config_field(0.2, "policy ratio clip epsilon")
+    grad_clip: float = config_field(1.0, "clip the global gradient norm (0: off)")
+    seed: int = config_field(0, "seed for prompts, sampling and minibatch order")
+    eval_every: int = config_field(1, "held-out accuracy every N steps (and at the end)")
+    eval_per_task: int = config_field(10, "held-out prompts per task in each evaluation")
+    final_eval_per_task: int = config_field(50, "held-out prompts per task in the final evaluation")
+    ckpt_every: int = config_field(10, "checkpoint every N steps (and at the end)")
 
 
 class PolicyWithValue(nn.Module):
@@ -117,7 +145,7 @@ def score_batch(model: PolicyWithValue, ref: nn.Module, r: Rollouts, order: Sequ
         lp, v, e = policy_forward(model, r.ids[idx], r.attn[idx], with_entropy=True, temperature=temperature)
         old_logp[idx], ent[idx] = lp, e
         if v is not None:
-            values[idx] = v
+            values[idx] = v.float()  # bf16 under --dtype bf16's autocast; kept in fp32 like the log-probs
         ref_logp[idx] = rl.forward_logprobs(ref, r.ids[idx], r.attn[idx], temperature=temperature)[1]
     return old_logp, values, ent, ref_logp
 

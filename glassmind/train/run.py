@@ -34,7 +34,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from glassmind.common import (GlassmindError, add_config_args, atomic_write_json, config_field, config_from_args,
-                              is_rank0, print0, world_size)
+                              dtype_name, is_rank0, print0, resolve_dtype, world_size)
 from glassmind.train import checkpoint, metrics
 
 
@@ -56,6 +56,9 @@ class RunSettings:
                                                "stopping before the update")
     threads: Optional[int] = config_field(None, "CPU threads for torch (default: torch's choice)")
     progress: bool = config_field(True, "show progress")
+    dtype: str = config_field("auto", "compute dtype: auto (bf16 where this machine computes it natively: a GPU "
+                                      "with bf16, a CPU with AMX or AVX512-BF16; fp32 elsewhere), fp32 or bf16 "
+                                      "(bf16 autocast; the weights and optimizer state stay fp32)")
 
 
 PARALLEL_HELP = ("layout over torchrun's processes: dp=N, zero=1|2|3, fsdp=N, tp=N, mp=bf16, e.g. fsdp=2 or dp=2,tp=2 "
@@ -99,6 +102,43 @@ def parse_config(cls: type, argv: Sequence[str] | None, *, prog: str, descriptio
         parser.set_defaults(**{k: v for k, v in settings.items() if k in hints})
         ns = parser.parse_args(argv)
     return config_from_args(cls, ns)
+
+
+def resolve_run_dtype(cfg: Any, settings_file: str, device: "str | torch.device" = "cpu", *,
+                      allowed: Sequence[str] = ("fp32", "bf16", "fp16")) -> tuple[Any, str]:
+    """`--dtype auto` -> the dtype this machine computes fast (common.resolve_dtype), written into the config so
+    that the run's settings file and card say what ran: (cfg with dtype fp32|bf16|fp16, the one-line reason).
+    A resumed run keeps the dtype it started with (auto on another machine could choose differently, and the
+    run would no longer continue as it began). A layout that names its own `mp=` (the older spelling, still
+    taken) decides under auto and must agree with an explicit --dtype. `allowed`: what the verb computes in."""
+    saved_path = Path(cfg.out) / settings_file
+    mp = _layout_mp(getattr(cfg, "parallel", "") or "")
+    if cfg.dtype == "auto" and cfg.resume and saved_path.exists():
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+        if saved.get("dtype", "auto") != "auto":
+            return (dataclasses.replace(cfg, dtype=saved["dtype"]),
+                    saved.get("dtype_reason", f"dtype auto -> {saved['dtype']}: the resumed run's"))
+    if mp is not None and cfg.dtype not in ("auto", mp):
+        raise GlassmindError(f"--dtype {cfg.dtype} and --parallel mp={mp} disagree: give the compute dtype once "
+                             f"(--dtype {cfg.dtype}, and drop mp= from --parallel)")
+    if mp is not None:
+        dtype, _ = resolve_dtype(mp, device)  # warns where bf16 is not native here
+        reason = f"dtype {dtype_name(dtype)}: from --parallel mp={mp}"
+    else:
+        dtype, reason = resolve_dtype(cfg.dtype, device)
+    name = dtype_name(dtype)
+    if name not in allowed:
+        raise GlassmindError(f"--dtype {cfg.dtype}: this verb computes in {' or '.join(allowed)}, not {name}")
+    return dataclasses.replace(cfg, dtype=name), reason
+
+
+def _layout_mp(layout: str) -> str | None:
+    """The mp= of a --parallel layout text, if it names one (glassmind.parallel checks the rest)."""
+    for part in layout.replace(" ", "").split(","):
+        key, _, value = part.partition("=")
+        if key == "mp" and value:
+            return value
+    return None
 
 
 def setup_torch(threads: int | None, *, deterministic: bool = True, compile: bool = False) -> None:

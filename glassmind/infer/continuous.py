@@ -40,17 +40,22 @@ from glassmind.infer.sampling import SamplingParams, draw, make_generators, unif
 class RunningBatch:
     """Rows of a decoder's generation that join (admit) and leave (remove) between decode steps."""
 
-    def __init__(self, model: nn.Module, capacity: int | None = None):
+    def __init__(self, model: nn.Module, capacity: int | None = None, *, compiled=None):
         cfg = model.config
         if cfg.arch != "decoder":
             raise GlassmindError(f"continuous batching runs decoders; this model is a {cfg.arch}")
         self.model = model
         self.capacity = capacity or cfg.context_length
+        # compiled: a compiled.CompiledStep for the decode steps (see step); None: the model, eagerly
+        self.compiled = compiled
+        if compiled is not None and self.capacity != cfg.context_length:
+            raise GlassmindError("internal: a compiled step needs the cache to span the whole context")
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.cache = KVCache.for_model(model, 0, self.capacity)                      # (0, H_kv, cap, D)
-        self.mask = torch.zeros(0, self.capacity, dtype=torch.bool, device=self.device)  # (B, cap) real keys
-        self.pos = torch.zeros(0, dtype=torch.long, device=self.device)              # (B,) next position
+        with torch.inference_mode():   # inference tensors from the start (see remove)
+            self.cache = KVCache.for_model(model, 0, self.capacity)                  # (0, H_kv, cap, D)
+            self.mask = torch.zeros(0, self.capacity, dtype=torch.bool, device=self.device)  # (B, cap) real keys
+            self.pos = torch.zeros(0, dtype=torch.long, device=self.device)          # (B,) next position
         self.lens: list[int] = []                                                     # tokens cached per row
 
     @property
@@ -132,14 +137,41 @@ class RunningBatch:
         col = self.col
         self.mask[:, col] = True
         mask4 = self.mask[:, None, None, : col + 1]                                  # (B, 1, 1, keys)
-        h = self.model.features(tokens.to(self.device)[:, None], attention_mask=mask4,
-                                positions=self.pos[:, None], cache=self.cache)       # (B, 1, C)
+        if self.compiled is not None:
+            logits = self._compiled_step(tokens.to(self.device)[:, None], mask4, col)
+        else:
+            h = self.model.features(tokens.to(self.device)[:, None], attention_mask=mask4,
+                                    positions=self.pos[:, None], cache=self.cache)   # (B, 1, C)
+            logits = self.model.lm_logits(h[:, -1]).float()
         self.pos = self.pos + 1
         self.lens = [n + 1 for n in self.lens]
-        return self.model.lm_logits(h[:, -1]).float()
+        return logits
 
+    def _compiled_step(self, tokens: torch.Tensor, mask4: torch.Tensor, col: int) -> torch.Tensor:
+        """One decode step through the CompiledStep: the same cache buffers (B, H_kv, capacity, D), written at
+        the slot `col`, under the same mask. Two sizes change from step to step here: the keys (col + 1, as in
+        the engine's compiled batch) and the rows (requests join and leave), so both are marked dynamic and
+        one compilation serves every batch of 2 rows or more; a batch of 1 is a second one (dynamo
+        specialises a size of 1). Without the marks, each new batch size would compile anew (~10-30 s)."""
+        pos = self.pos[:, None]                                                       # (B, 1)
+        torch._dynamo.mark_dynamic(mask4, 3)
+        if tokens.shape[0] > 1:
+            for t in (tokens, pos, mask4, *self.cache.k, *self.cache.v):
+                torch._dynamo.mark_dynamic(t, 0)
+        slot = torch.tensor([col], device=self.device)
+        try:
+            logits = self.compiled(tokens, pos, slot, mask4, self.cache.k, self.cache.v)
+        except torch._dynamo.exc.TorchDynamoException as e:  # compilation runs on the first call
+            raise GlassmindError(f"compiling the decode step failed ({type(e).__name__}); serve without "
+                                 "--compile (is a C++ compiler installed?)") from e
+        self.cache.pos = col + 1
+        return logits
+
+    @torch.inference_mode()
     def remove(self, rows: list[int]) -> None:
-        """Drop these row indices; the others keep their order."""
+        """Drop these row indices; the others keep their order. (In inference mode, as admit and step: every
+        tensor of the batch stays an inference tensor, and a compiled step sees one kind of input; a mix
+        recompiles it, since dynamo guards on the tensors' dispatch keys.)"""
         if not rows:
             return
         gone = set(rows)

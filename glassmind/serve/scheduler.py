@@ -137,14 +137,15 @@ class Scheduler:
     """Continuous batching over one model. Start with start(); stop with close()."""
 
     def __init__(self, name: str, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
-                 eos_ids: tuple[int, ...] = (), metrics=None):
+                 eos_ids: tuple[int, ...] = (), metrics=None, compiled=None):
         self.name, self.model, self.tok = name, model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.eos = frozenset(eos_ids)
         self.metrics = metrics
         self.vocab = model.config.vocab_size
         self.device = next(model.parameters()).device
-        self.batch = RunningBatch(model)
+        self.compiled = compiled       # a CompiledStep for the decode steps (serve --compile), or None
+        self.batch = RunningBatch(model, compiled=compiled)
         self.sampler = BatchSampler(self.vocab, self.device)    # the rows' settings, row for row with the batch
         self.rows: list[_Row] = []
         self.waiting: collections.deque[Request] = collections.deque()
@@ -240,7 +241,7 @@ class Scheduler:
                     r.req.error = f"internal error in the scheduler: {type(e).__name__}"
                     r.req.emit([None])
                 self.rows = []
-                self.batch = RunningBatch(self.model)
+                self.batch = RunningBatch(self.model, compiled=self.compiled)
                 self.sampler = BatchSampler(self.vocab, self.device)
             if self.metrics:
                 self.metrics.waiting(self.name, len(self.waiting))

@@ -243,6 +243,8 @@ MATRIX = [
     ("stop a number", "/v1/chat/completions", {**GOOD, "stop": 5}, {}, 400, "stop", "invalid_type"),
     ("stop_options without stream", "/v1/chat/completions", {**GOOD, "stream_options": {"include_usage": True}},
      {}, 400, "stream_options", "invalid_value"),
+    ("beam search streamed", "/v1/completions", {"model": "tiny", "prompt": "a", "use_beam_search": True,
+                                                 "stream": True}, {}, 400, "stream", "invalid_value"),
     ("seed negative", "/v1/chat/completions", {**GOOD, "seed": -1}, {}, 400, "seed", "invalid_value"),
     ("empty messages", "/v1/chat/completions", {**GOOD, "messages": []}, {}, 400, "messages", "invalid_value"),
     ("messages an object", "/v1/chat/completions", {**GOOD, "messages": {"role": "user"}}, {}, 400, "messages",

@@ -24,6 +24,7 @@ an idle 2-core machine) and reused by later runs.
 
     python benchmarks/bench_serve.py                                   # trains into runs/bench-serve once
     python benchmarks/bench_serve.py --run runs/demo/pretrain-decoder  # a demo's decoder
+    python benchmarks/bench_serve.py --compile     # eager and --compile servers, alternating in every round
 """
 
 from __future__ import annotations
@@ -131,13 +132,39 @@ async def level(url: str, clients: int, requests: int, max_tokens: int, model: s
             "tok_cpu_s": tokens / cpu if cpu > 0 else float("nan")}
 
 
+def start_server(run: Path, port: int, args, compile: bool) -> tuple[subprocess.Popen, str, str]:
+    """A `glassmind serve` process for `run`, once /health answers: (process, url, model name)."""
+    import httpx
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    server = subprocess.Popen([sys.executable, "-m", "glassmind", "serve", str(run), "--port", str(port),
+                               "--max-batch", str(args.max_batch), "--max-queue", str(4 * args.requests),
+                               "--threads", str(args.threads), "--dtype", args.dtype]
+                              + (["--compile"] if compile else []), env=env)
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    while True:   # --compile compiles before it answers: allow it minutes on a loaded machine
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.time() - t0 > 600 or server.poll() is not None:
+            server.terminate()
+            raise RuntimeError("the server did not start")
+        time.sleep(0.2)
+    return server, url, httpx.get(url + "/v1/models").json()["data"][0]["id"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", help="a decoder run to serve (default: the demo's decoder, trained into --cache)")
     ap.add_argument("--cache", default=str(ROOT / "runs" / "bench-serve"),
                     help="where the demo's decoder is trained the first time and found afterwards")
     ap.add_argument("--dtype", default="fp32", help="the server's --dtype (fp32 | bf16)")
-    ap.add_argument("--compile", action="store_true", help="serve with --compile")
+    ap.add_argument("--compile", action="store_true",
+                    help="serve twice, eager and with --compile, and alternate between the two servers within "
+                         "every round (the table per server, then compiled / eager)")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--levels", default="1,4,16,32")
@@ -159,39 +186,27 @@ def main() -> int:
         return 2
     print(describe(run), flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the start", flush=True)
-    if True:
-        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        server = subprocess.Popen([sys.executable, "-m", "glassmind", "serve", str(run), "--port", str(args.port),
-                                   "--max-batch", str(args.max_batch), "--max-queue", str(4 * args.requests),
-                                   "--threads", str(args.threads), "--dtype", args.dtype]
-                                  + (["--compile"] if args.compile else []),
-                                  env=env)
-        url = f"http://127.0.0.1:{args.port}"
-        try:
-            import httpx
-
-            t0 = time.time()
-            while True:
-                try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.time() - t0 > 300 or server.poll() is not None:
-                    raise RuntimeError("the server did not start")
-                time.sleep(0.2)
-            model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+    variants = ["eager", "compiled"] if args.compile else ["eager"]
+    servers: dict[str, tuple[subprocess.Popen, str, str]] = {}
+    results: dict[tuple[str, int], list[dict]] = {(v, c): [] for v in variants for c in levels}
+    try:
+        for i, v in enumerate(variants):
+            t0 = time.perf_counter()
+            servers[v] = start_server(run, args.port + i, args, v == "compiled")
+            print(f"{v} server up in {time.perf_counter() - t0:.0f} s", flush=True)
+        for v, (server, url, model) in servers.items():
             asyncio.run(level(url, 4, 8, 8, model, server.pid))  # warm-up
-            results: dict[int, list[dict]] = {c: [] for c in levels}
-            for r in range(args.rounds):
-                order = levels if r % 2 == 0 else levels[::-1]
-                for c in order:
-                    res = asyncio.run(level(url, c, args.requests, args.max_tokens, model, server.pid))
-                    results[c].append(res)
-                    print(f"round {r + 1} clients {c:>2}: {res['tok_s']:7.1f} tok/s, TTFT p50 "
-                          f"{1000 * res['ttft_p50']:6.0f} ms p95 {1000 * res['ttft_p95']:6.0f} ms, "
-                          f"{res['tok_cpu_s']:7.1f} tok per server CPU s", flush=True)
-        finally:
+        for r in range(args.rounds):
+            order = [(v, c) for c in levels for v in variants]
+            for v, c in order if r % 2 == 0 else order[::-1]:
+                server, url, model = servers[v]
+                res = asyncio.run(level(url, c, args.requests, args.max_tokens, model, server.pid))
+                results[v, c].append(res)
+                print(f"round {r + 1} {v:>8} clients {c:>2}: {res['tok_s']:7.1f} tok/s, TTFT p50 "
+                      f"{1000 * res['ttft_p50']:6.0f} ms p95 {1000 * res['ttft_p95']:6.0f} ms, "
+                      f"{res['tok_cpu_s']:7.1f} tok per server CPU s", flush=True)
+    finally:
+        for server, _, _ in servers.values():
             server.terminate()
             server.wait(timeout=30)
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
@@ -200,27 +215,28 @@ def main() -> int:
     print(f"\nMachine: {cpu_facts().model} ({os.cpu_count()} cores), torch {torch.__version__}, capability "
           f"{torch.backends.cpu.get_cpu_capability()}, load average {load[0]:.1f} at the end")
     print(f"{args.requests} requests x {args.max_tokens} tokens per level, server --max-batch {args.max_batch} "
-          f"--threads {args.threads} --dtype {args.dtype}{' --compile' if args.compile else ''}; "
-          f"medians of {args.rounds} rounds\n")
-    base = statistics.median(x["tok_s"] for x in results[levels[0]])
-    base_cpu = statistics.median(x["tok_cpu_s"] for x in results[levels[0]])
-    print("| clients | aggregate tok/s | vs one after another | TTFT p50 | TTFT p95 | tok per server CPU s | vs one "
-          "after another |")
-    print("|---|---|---|---|---|---|---|")
-    for c in levels:
-        tps = statistics.median(x["tok_s"] for x in results[c])
-        p50 = statistics.median(x["ttft_p50"] for x in results[c])
-        p95 = statistics.median(x["ttft_p95"] for x in results[c])
-        tcs = statistics.median(x["tok_cpu_s"] for x in results[c])
-        print(f"| {c} | {tps:.0f} | {tps / base:.2f}x | {1000 * p50:.0f} ms | {1000 * p95:.0f} ms | {tcs:.0f} | "
-              f"{tcs / base_cpu:.2f}x |")
-    if 16 in levels and levels[0] == 1:
-        tps = statistics.median(x["tok_s"] for x in results[16]) / base
-        cps = statistics.median(x["tok_cpu_s"] for x in results[16]) / base_cpu
-        p95 = statistics.median(x["ttft_p95"] for x in results[16])
-        print(f"\ntarget (16 clients >= 5x one after another, p95 TTFT < 1 s): {tps:.2f}x wall clock, {cps:.2f}x per "
-              f"server CPU second, p95 TTFT {1000 * p95:.0f} ms")
-    print(f"benchmark wall time {time.perf_counter() - T0:.0f} s")
+          f"--threads {args.threads} --dtype {args.dtype}; medians of {args.rounds} rounds")
+    med = lambda v, c, k: statistics.median(x[k] for x in results[v, c])  # noqa: E731
+    for v in variants:
+        base, base_cpu = med(v, levels[0], "tok_s"), med(v, levels[0], "tok_cpu_s")
+        print(f"\n{v}:\n")
+        print("| clients | aggregate tok/s | vs one after another | TTFT p50 | TTFT p95 | tok per server CPU s | vs "
+              "one after another |")
+        print("|---|---|---|---|---|---|---|")
+        for c in levels:
+            print(f"| {c} | {med(v, c, 'tok_s'):.0f} | {med(v, c, 'tok_s') / base:.2f}x | "
+                  f"{1000 * med(v, c, 'ttft_p50'):.0f} ms | {1000 * med(v, c, 'ttft_p95'):.0f} ms | "
+                  f"{med(v, c, 'tok_cpu_s'):.0f} | {med(v, c, 'tok_cpu_s') / base_cpu:.2f}x |")
+        if 16 in levels and levels[0] == 1:
+            print(f"\ntarget (16 clients >= 5x one after another, p95 TTFT < 1 s): "
+                  f"{med(v, 16, 'tok_s') / base:.2f}x wall clock, {med(v, 16, 'tok_cpu_s') / base_cpu:.2f}x per "
+                  f"server CPU second, p95 TTFT {1000 * med(v, 16, 'ttft_p95'):.0f} ms")
+    if args.compile:
+        print("\ncompiled / eager, same clients:\n\n| clients | tok/s | tok per server CPU s |\n|---|---|---|")
+        for c in levels:
+            print(f"| {c} | {med('compiled', c, 'tok_s') / med('eager', c, 'tok_s'):.2f}x | "
+                  f"{med('compiled', c, 'tok_cpu_s') / med('eager', c, 'tok_cpu_s'):.2f}x |")
+    print(f"\nbenchmark wall time {time.perf_counter() - T0:.0f} s")
     return 0
 
 

@@ -575,4 +575,24 @@ def test_serve_compile_serves_the_eager_greedy_text_alone_and_in_a_changing_batc
             t.join()
         assert [got[i] for i in range(4)] == want                    # batches of 2-4 rows, rows leaving
     assert 1 in sizes and max(sizes) >= 3 and len(set(sizes)) >= 3, sizes
+    # rows that keep joining push the batch's cache column to the context's end (the step that reads every
+    # slot) and past it (the cut of unused columns): compiled and eager steps agree throughout
+    from glassmind.infer.continuous import RunningBatch
+
+    C = model.config.context_length
+    eager, comp = RunningBatch(model), RunningBatch(model, compiled=sched.compiled)
+    toks = None
+    for i in range(2 * C):
+        if i % 40 == 0:
+            p = tok.encode(prompts[(i // 40) % 4])
+            new = [eager.admit([p]), comp.admit([p])]
+            toks = new[0].argmax(-1) if toks is None else torch.cat([toks, new[0].argmax(-1)])
+        if max(eager.lens) >= C - 1:                                 # the scheduler stops a row here
+            eager.remove([0])
+            comp.remove([0])
+            toks = toks[1:]
+        a, b = eager.step(toks), comp.step(toks)
+        assert torch.allclose(a, b, atol=1e-4), f"step {i}, column {eager.col}"
+        toks = a.argmax(-1)
+    assert eager.col == comp.col
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs   # no batch size compiled anew

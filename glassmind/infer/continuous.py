@@ -52,9 +52,14 @@ class RunningBatch:
             raise GlassmindError("internal: a compiled step needs the cache to span the whole context")
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        # a compiled step's cache and mask have one slot more than is ever used: it reads the first
+        # col + 1 <= capacity slots, and a slice as long as the whole buffer would be specialised (a size equal
+        # to a constant, a contiguous mask) when the column reaches the context's end: dynamo's refusal of a
+        # size marked dynamic, or a recompilation
+        slots = self.capacity + (compiled is not None)
         with torch.inference_mode():   # inference tensors from the start (see remove)
-            self.cache = KVCache.for_model(model, 0, self.capacity)                  # (0, H_kv, cap, D)
-            self.mask = torch.zeros(0, self.capacity, dtype=torch.bool, device=self.device)  # (B, cap) real keys
+            self.cache = KVCache.for_model(model, 0, slots)                          # (0, H_kv, slots, D)
+            self.mask = torch.zeros(0, slots, dtype=torch.bool, device=self.device)  # (B, slots) real keys
             self.pos = torch.zeros(0, dtype=torch.long, device=self.device)          # (B,) next position
         self.lens: list[int] = []                                                     # tokens cached per row
 
@@ -80,13 +85,13 @@ class RunningBatch:
         T = new.T
         if T > self.col:
             self._shift(T - self.col)
-        col, cap, n = self.col, self.capacity, len(prompts)
+        col, n = self.col, len(prompts)
         for layer in range(len(self.cache.k)):
             for buf, src in ((self.cache.k, new.cache.k), (self.cache.v, new.cache.v)):
                 rows = torch.zeros((n, *buf[layer].shape[1:]), dtype=buf[layer].dtype, device=self.device)
                 rows[:, :, col - T: col] = src[layer][:, :, :T]
                 buf[layer] = torch.cat([buf[layer], rows])
-        mask = torch.zeros(n, cap, dtype=torch.bool, device=self.device)
+        mask = torch.zeros(n, self.mask.shape[1], dtype=torch.bool, device=self.device)
         mask[:, col - T: col] = new.mask[:, :T]
         self.mask = torch.cat([self.mask, mask])
         self.pos = torch.cat([self.pos, new.pos])
@@ -138,7 +143,8 @@ class RunningBatch:
         self.mask[:, col] = True
         mask4 = self.mask[:, None, None, : col + 1]                                  # (B, 1, 1, keys)
         if self.compiled is not None:
-            logits = self._compiled_step(tokens.to(self.device)[:, None], mask4, col)
+            # a copy made here is an inference tensor whoever made `tokens` (see remove: no recompilation)
+            logits = self._compiled_step(tokens.to(self.device)[:, None].clone(), mask4, col)
         else:
             h = self.model.features(tokens.to(self.device)[:, None], attention_mask=mask4,
                                     positions=self.pos[:, None], cache=self.cache)   # (B, 1, C)

@@ -25,6 +25,7 @@ an idle 2-core machine) and reused by later runs.
     python benchmarks/bench_serve.py                                   # trains into runs/bench-serve once
     python benchmarks/bench_serve.py --run runs/demo/pretrain-decoder  # a demo's decoder
     python benchmarks/bench_serve.py --compile     # eager and --compile servers, alternating in every round
+    python benchmarks/bench_serve.py --servers fp32,bf16   # fp32 against bf16 (where the CPU has it natively)
 """
 
 from __future__ import annotations
@@ -132,14 +133,14 @@ async def level(url: str, clients: int, requests: int, max_tokens: int, model: s
             "tok_cpu_s": tokens / cpu if cpu > 0 else float("nan")}
 
 
-def start_server(run: Path, port: int, args, compile: bool) -> tuple[subprocess.Popen, str, str]:
+def start_server(run: Path, port: int, args, dtype: str, compile: bool) -> tuple[subprocess.Popen, str, str]:
     """A `glassmind serve` process for `run`, once /health answers: (process, url, model name)."""
     import httpx
 
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     server = subprocess.Popen([sys.executable, "-m", "glassmind", "serve", str(run), "--port", str(port),
                                "--max-batch", str(args.max_batch), "--max-queue", str(4 * args.requests),
-                               "--threads", str(args.threads), "--dtype", args.dtype]
+                               "--threads", str(args.threads), "--dtype", dtype]
                               + (["--compile"] if compile else []), env=env)
     url = f"http://127.0.0.1:{port}"
     t0 = time.time()
@@ -161,10 +162,11 @@ def main() -> int:
     ap.add_argument("--run", help="a decoder run to serve (default: the demo's decoder, trained into --cache)")
     ap.add_argument("--cache", default=str(ROOT / "runs" / "bench-serve"),
                     help="where the demo's decoder is trained the first time and found afterwards")
-    ap.add_argument("--dtype", default="fp32", help="the server's --dtype (fp32 | bf16)")
-    ap.add_argument("--compile", action="store_true",
-                    help="serve twice, eager and with --compile, and alternate between the two servers within "
-                         "every round (the table per server, then compiled / eager)")
+    ap.add_argument("--servers", default="fp32",
+                    help="comma-separated servers to compare, each DTYPE or DTYPE+compile (e.g. fp32,bf16 or "
+                         "fp32,fp32+compile): all run at once and the rounds alternate between them; the table per "
+                         "server, then each against the first")
+    ap.add_argument("--compile", action="store_true", help="shorthand for --servers fp32,fp32+compile")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--levels", default="1,4,16,32")
@@ -186,13 +188,18 @@ def main() -> int:
         return 2
     print(describe(run), flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the start", flush=True)
-    variants = ["eager", "compiled"] if args.compile else ["eager"]
+    variants = ["fp32", "fp32+compile"] if args.compile else [v.strip() for v in args.servers.split(",")]
+    for v in variants:
+        if v.split("+")[0] not in ("fp32", "bf16", "fp16") or v.count("+") > 1 or ("+" in v and
+                                                                                   not v.endswith("+compile")):
+            print(f"--servers: {v!r} is not DTYPE or DTYPE+compile")
+            return 2
     servers: dict[str, tuple[subprocess.Popen, str, str]] = {}
     results: dict[tuple[str, int], list[dict]] = {(v, c): [] for v in variants for c in levels}
     try:
         for i, v in enumerate(variants):
             t0 = time.perf_counter()
-            servers[v] = start_server(run, args.port + i, args, v == "compiled")
+            servers[v] = start_server(run, args.port + i, args, v.split("+")[0], v.endswith("+compile"))
             print(f"{v} server up in {time.perf_counter() - t0:.0f} s", flush=True)
         for v, (server, url, model) in servers.items():
             asyncio.run(level(url, 4, 8, 8, model, server.pid))  # warm-up
@@ -215,7 +222,7 @@ def main() -> int:
     print(f"\nMachine: {cpu_facts().model} ({os.cpu_count()} cores), torch {torch.__version__}, capability "
           f"{torch.backends.cpu.get_cpu_capability()}, load average {load[0]:.1f} at the end")
     print(f"{args.requests} requests x {args.max_tokens} tokens per level, server --max-batch {args.max_batch} "
-          f"--threads {args.threads} --dtype {args.dtype}; medians of {args.rounds} rounds")
+          f"--threads {args.threads}; medians of {args.rounds} rounds")
     med = lambda v, c, k: statistics.median(x[k] for x in results[v, c])  # noqa: E731
     for v in variants:
         base, base_cpu = med(v, levels[0], "tok_s"), med(v, levels[0], "tok_cpu_s")
@@ -231,11 +238,12 @@ def main() -> int:
             print(f"\ntarget (16 clients >= 5x one after another, p95 TTFT < 1 s): "
                   f"{med(v, 16, 'tok_s') / base:.2f}x wall clock, {med(v, 16, 'tok_cpu_s') / base_cpu:.2f}x per "
                   f"server CPU second, p95 TTFT {1000 * med(v, 16, 'ttft_p95'):.0f} ms")
-    if args.compile:
-        print("\ncompiled / eager, same clients:\n\n| clients | tok/s | tok per server CPU s |\n|---|---|---|")
+    first = variants[0]
+    for v in variants[1:]:
+        print(f"\n{v} / {first}, same clients:\n\n| clients | tok/s | tok per server CPU s |\n|---|---|---|")
         for c in levels:
-            print(f"| {c} | {med('compiled', c, 'tok_s') / med('eager', c, 'tok_s'):.2f}x | "
-                  f"{med('compiled', c, 'tok_cpu_s') / med('eager', c, 'tok_cpu_s'):.2f}x |")
+            print(f"| {c} | {med(v, c, 'tok_s') / med(first, c, 'tok_s'):.2f}x | "
+                  f"{med(v, c, 'tok_cpu_s') / med(first, c, 'tok_cpu_s'):.2f}x |")
     print(f"\nbenchmark wall time {time.perf_counter() - T0:.0f} s")
     return 0
 

@@ -172,3 +172,29 @@ def test_a_rows_kth_token_is_the_inverse_cdf_of_its_kth_seeded_uniform_worked_in
     want = [int(np.searchsorted(cdf, x * cdf[-1], side="right")) for x in u]
     assert got == want
     assert len(set(got)) > 5                                                   # it did sample
+
+
+def test_packed_decode_steps_give_the_eager_steps_logits_as_rows_join_and_leave():
+    """RunningBatch(packed=True) (the server's default) runs decode steps through fast_linear's DecodeView,
+    one per power-of-two batch size: the logits are the eager model's to float rounding."""
+    from glassmind.infer import fast_linear
+
+    model = tiny()
+    eager, packed = RunningBatch(model), RunningBatch(model, packed=True)
+    ps = prompts(6, 2, 9, seed=3)
+    toks = None
+    for step in range(12):
+        if step in (0, 4):                          # 3 rows, then 3 more join (buckets 4 and 8)
+            new = [b.admit(ps[:3] if step == 0 else ps[3:]) for b in (eager, packed)]
+            assert torch.allclose(new[0], new[1], atol=1e-5)
+            t = new[0].argmax(-1)
+            toks = t if toks is None else torch.cat([toks, t])
+        if step == 8:                               # two rows leave (bucket 4 again)
+            for b in (eager, packed):
+                b.remove([0, 4])
+            toks = toks[[1, 2, 3, 5]]
+        a, b = eager.step(toks), packed.step(toks)
+        assert torch.allclose(a, b, atol=1e-4), f"step {step}"
+        toks = a.argmax(-1)
+    if fast_linear.mkl_works():   # fp32 packs from 3 rows on: the steps above did run the views
+        assert {4, 8} <= {k for k, v in packed._views.items() if isinstance(v, fast_linear.DecodeView)}

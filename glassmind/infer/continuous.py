@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from glassmind.common import GlassmindError
+from glassmind.infer import fast_linear
 from glassmind.infer.batch import DecoderBatch
 from glassmind.infer.kv_cache import KVCache
 from glassmind.infer.sampling import SamplingParams, draw, make_generators, uniforms
@@ -40,7 +41,7 @@ from glassmind.infer.sampling import SamplingParams, draw, make_generators, unif
 class RunningBatch:
     """Rows of a decoder's generation that join (admit) and leave (remove) between decode steps."""
 
-    def __init__(self, model: nn.Module, capacity: int | None = None, *, compiled=None):
+    def __init__(self, model: nn.Module, capacity: int | None = None, *, compiled=None, packed: bool = False):
         cfg = model.config
         if cfg.arch != "decoder":
             raise GlassmindError(f"continuous batching runs decoders; this model is a {cfg.arch}")
@@ -48,6 +49,12 @@ class RunningBatch:
         self.capacity = capacity or cfg.context_length
         # compiled: a compiled.CompiledStep for the decode steps (see step); None: the model, eagerly
         self.compiled = compiled
+        # packed: eager decode steps through fast_linear's DecodeView (weights packed once for the GEMM kernel
+        # of this dtype), one view per power-of-two batch size (MKL's fp32 packing is laid out for a row
+        # count; padding 4 rows to 16 would cost more than it saves), made when first needed and kept: a
+        # server's weights do not change. Where fast_linear finds no kernel worth it, the model itself.
+        self.packed = packed
+        self._views: dict[int, object] = {}
         if compiled is not None and self.capacity != cfg.context_length:
             raise GlassmindError("internal: a compiled step needs the cache to span the whole context")
         p = next(model.parameters())
@@ -146,12 +153,23 @@ class RunningBatch:
             # a copy made here is an inference tensor whoever made `tokens` (see remove: no recompilation)
             logits = self._compiled_step(tokens.to(self.device)[:, None].clone(), mask4, col)
         else:
-            h = self.model.features(tokens.to(self.device)[:, None], attention_mask=mask4,
-                                    positions=self.pos[:, None], cache=self.cache)   # (B, 1, C)
-            logits = self.model.lm_logits(h[:, -1]).float()
+            m = self._decoder(tokens.shape[0])
+            h = m.features(tokens.to(self.device)[:, None], attention_mask=mask4,
+                           positions=self.pos[:, None], cache=self.cache)            # (B, 1, C)
+            logits = m.lm_logits(h[:, -1]).float()
         self.pos = self.pos + 1
         self.lens = [n + 1 for n in self.lens]
         return logits
+
+    def _decoder(self, rows: int):
+        """The module a decode step of `rows` rows runs: the model, or its packed view (see __init__)."""
+        if not self.packed:
+            return self.model
+        bucket = 1 << max(rows - 1, 0).bit_length()                                  # 1, 2, 4, 8, 16, ...
+        if bucket not in self._views:
+            worth = fast_linear.worth_packing(self.model, bucket, fast_linear.PACK_MIN_STEPS)
+            self._views[bucket] = fast_linear.DecodeView(self.model, bucket) if worth else self.model
+        return self._views[bucket]
 
     def _compiled_step(self, tokens: torch.Tensor, mask4: torch.Tensor, col: int) -> torch.Tensor:
         """One decode step through the CompiledStep: the same cache buffers (B, H_kv, capacity, D), written at

@@ -145,7 +145,7 @@ class Scheduler:
         self.vocab = model.config.vocab_size
         self.device = next(model.parameters()).device
         self.compiled = compiled       # a CompiledStep for the decode steps (serve --compile), or None
-        self.batch = RunningBatch(model, compiled=compiled)
+        self.batch = RunningBatch(model, compiled=compiled, packed=compiled is None)
         self.sampler = BatchSampler(self.vocab, self.device)    # the rows' settings, row for row with the batch
         self.rows: list[_Row] = []
         self.waiting: collections.deque[Request] = collections.deque()
@@ -241,7 +241,7 @@ class Scheduler:
                     r.req.error = f"internal error in the scheduler: {type(e).__name__}"
                     r.req.emit([None])
                 self.rows = []
-                self.batch = RunningBatch(self.model, compiled=self.compiled)
+                self.batch = RunningBatch(self.model, compiled=self.compiled, packed=self.compiled is None)
                 self.sampler = BatchSampler(self.vocab, self.device)
             if self.metrics:
                 self.metrics.waiting(self.name, len(self.waiting))

@@ -306,7 +306,9 @@ class BatchSampler:
         for name in ("greedy", "temperature", "top_k", "top_p", "log_min_p", "penalty", "n"):
             setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
         L = max(self.u.shape[1], other.u.shape[1])
-        pad = lambda u: u if u.shape[1] == L else torch.cat([u, u.new_zeros(u.shape[0], L - u.shape[1])], 1)  # noqa: E731
+        def pad(u: torch.Tensor) -> torch.Tensor:   # (B, L') -> (B, L): unused uniforms are never read
+            return u if u.shape[1] == L else torch.cat([u, u.new_zeros(u.shape[0], L - u.shape[1])], 1)
+
         self.u = torch.cat([pad(self.u), pad(other.u)])
         if self.seen is not None or other.seen is not None:
             none = lambda b: torch.zeros(b.size, self.V, dtype=torch.bool, device=self.device)  # noqa: E731

@@ -15,14 +15,17 @@ tokens at temperature 0.8 with a per-request seed and `ignore_eos` (every reques
                     time includes waiting for a core; this ratio does not, so it shows what batching saves
                     even when the wall-clock numbers are noise.
 
-The model is the demo's decoder (glassmind/train/pretrain.py DEMO_BUDGETS["small"]: depth 2, d_model 128, 2
-layers, context 128) with the demo's vocabulary size (4096). With --run RUN the run is served as it is;
-without, a stand-in of that shape is built in a temporary directory: random weights (speed does not depend
-on them: every request generates exactly --max-tokens) and a byte-level BPE trained to 4096 tokens on 2 MB
-of the built-in corpus.
+The model is the demo's decoder with its trained weights: `glassmind demo`'s pre-training of the decoder
+(glassmind/demo.py DEMO_BUDGETS["small"]: depth 2 (d_model 128, 2 layers, 2 heads), context 128, 1200 steps of
+2048 tokens) on the demo's 4096-token byte-level BPE (8 MB of the built-in corpus). --run serves a run as it is
+(e.g. runs/demo/pretrain-decoder after `glassmind demo`); without it the decoder is trained once into --cache
+(default runs/bench-serve: the BPE, then glassmind.demo.pretrain_stage for the decoder alone, a few minutes on
+an idle 2-core machine) and reused by later runs.
 
-    python benchmarks/bench_serve.py                      # stand-in demo decoder, 3 rounds
-    python benchmarks/bench_serve.py --run runs/demo/pretrain-decoder
+    python benchmarks/bench_serve.py                                   # trains into runs/bench-serve once
+    python benchmarks/bench_serve.py --run runs/demo/pretrain-decoder  # a demo's decoder
+    python benchmarks/bench_serve.py --compile     # eager and --compile servers, alternating in every round
+    python benchmarks/bench_serve.py --servers fp32,bf16   # fp32 against bf16 (where the CPU has it natively)
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,31 +46,43 @@ PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Stack:\n    de
            "return self._cache[key]", "if __name__ == '__main__':"]
 
 
-def stand_in(out: Path) -> Path:
-    """A run directory with the demo decoder's shape, random weights, and a 4096-token BPE."""
+def demo_decoder(cache: Path) -> Path:
+    """The demo's trained decoder under `cache` (trained there the first time: the demo's tokenizer and
+    pre-training settings, the decoder alone)."""
+    run = cache / "pretrain-decoder"
+    if (run / "config.json").exists() and (run / "model.safetensors").exists():
+        return run
     import warnings
 
-    import torch
-
     from glassmind.data.corpus import texts
-    from glassmind.demo import DEMO_BUDGETS
-    from glassmind.model import Transformer, save_model
-    from glassmind.recipes.pretrain import PretrainConfig, build_model_config
+    from glassmind.demo import pretrain_stage
     from glassmind.tokenizer.bpe import BPETokenizer
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tok = BPETokenizer.train(texts(max_bytes=2_000_000), 4096, pattern="gpt4", progress=False)
-    dec_kw = {k: v for k, v in DEMO_BUDGETS["small"][0].items() if k in ("depth", "context")}
-    cfg = build_model_config(PretrainConfig(arch="decoder", **dec_kw), tok.vocab_size)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    run = out / "demo-decoder-standin"
-    save_model(model, run)
-    tok.save(run)
-    print(f"stand-in: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, context "
-          f"{cfg.context_length}, vocab {cfg.vocab_size}, {model.num_params():,} parameters (random weights)")
+    cache.mkdir(parents=True, exist_ok=True)
+    tok_dir = cache / "tokenizer-bpe"
+    if not (tok_dir / "tokenizer.json").exists():
+        print("training the demo's tokenizer (BPE, vocab 4096, 8 MB of the built-in corpus) ...", flush=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tok = BPETokenizer.train(texts(None, split="train", max_bytes=8_000_000), 4096, pattern="gpt4")
+        tok.save(tok_dir)
+    print("pre-training the demo's decoder (the demo's 'small' budget) ...", flush=True)
+    pretrain_stage(cache, tok_dir, budget="small", families=("decoder",))
     return run
+
+
+def describe(run: Path) -> str:
+    """The served model in one line: its shape, and the training that made its weights."""
+    cfg = json.loads((run / "config.json").read_text())
+    line = (f"{run}: {cfg['n_layers']} layers, d_model {cfg['d_model']}, {cfg['n_heads']} heads, context "
+            f"{cfg['context_length']}, vocab {cfg['vocab_size']}")
+    metrics = run / "metrics.jsonl"
+    if metrics.exists():
+        evals = [json.loads(x) for x in metrics.read_text().splitlines() if '"val_loss"' in x]
+        if evals:
+            line += (f"; trained {evals[-1]['step']} steps / {evals[-1]['tokens']:,} tokens, validation loss "
+                     f"{evals[0]['val_loss']:.2f} -> {evals[-1]['val_loss']:.2f}")
+    return line
 
 
 async def one(client, i: int, max_tokens: int, model: str) -> tuple[float, int]:
@@ -119,9 +133,40 @@ async def level(url: str, clients: int, requests: int, max_tokens: int, model: s
             "tok_cpu_s": tokens / cpu if cpu > 0 else float("nan")}
 
 
+def start_server(run: Path, port: int, args, dtype: str, compile: bool) -> tuple[subprocess.Popen, str, str]:
+    """A `glassmind serve` process for `run`, once /health answers: (process, url, model name)."""
+    import httpx
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    server = subprocess.Popen([sys.executable, "-m", "glassmind", "serve", str(run), "--port", str(port),
+                               "--max-batch", str(args.max_batch), "--max-queue", str(4 * args.requests),
+                               "--threads", str(args.threads), "--dtype", dtype]
+                              + (["--compile"] if compile else []), env=env)
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    while True:   # --compile compiles before it answers: allow it minutes on a loaded machine
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.time() - t0 > 600 or server.poll() is not None:
+            server.terminate()
+            raise RuntimeError("the server did not start")
+        time.sleep(0.2)
+    return server, url, httpx.get(url + "/v1/models").json()["data"][0]["id"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", help="a decoder run to serve (default: a stand-in of the demo decoder's shape)")
+    ap.add_argument("--run", help="a decoder run to serve (default: the demo's decoder, trained into --cache)")
+    ap.add_argument("--cache", default=str(ROOT / "runs" / "bench-serve"),
+                    help="where the demo's decoder is trained the first time and found afterwards")
+    ap.add_argument("--servers", default="fp32",
+                    help="comma-separated servers to compare, each DTYPE or DTYPE+compile (e.g. fp32,bf16 or "
+                         "fp32,fp32+compile): all run at once and the rounds alternate between them; the table per "
+                         "server, then each against the first")
+    ap.add_argument("--compile", action="store_true", help="shorthand for --servers fp32,fp32+compile")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--levels", default="1,4,16,32")
@@ -132,43 +177,43 @@ def main() -> int:
                                                            "gains nothing from a second, and on a shared machine "
                                                            "loses much to its synchronisation)")
     args = ap.parse_args()
+    T0 = time.perf_counter()
 
     import torch
 
     levels = [int(x) for x in args.levels.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        run = Path(args.run) if args.run else stand_in(Path(tmp))
-        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        server = subprocess.Popen([sys.executable, "-m", "glassmind", "serve", str(run), "--port", str(args.port),
-                                   "--max-batch", str(args.max_batch), "--max-queue", str(4 * args.requests),
-                                   "--threads", str(args.threads)],
-                                  env=env)
-        url = f"http://127.0.0.1:{args.port}"
-        try:
-            import httpx
-
-            t0 = time.time()
-            while True:
-                try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.time() - t0 > 120 or server.poll() is not None:
-                    raise RuntimeError("the server did not start")
-                time.sleep(0.2)
-            model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+    run = Path(args.run) if args.run else demo_decoder(Path(args.cache))
+    if not (run / "config.json").exists():
+        print(f"{run} is not a run (no config.json)")
+        return 2
+    print(describe(run), flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the start", flush=True)
+    variants = ["fp32", "fp32+compile"] if args.compile else [v.strip() for v in args.servers.split(",")]
+    for v in variants:
+        if v.split("+")[0] not in ("fp32", "bf16", "fp16") or v.count("+") > 1 or ("+" in v and
+                                                                                   not v.endswith("+compile")):
+            print(f"--servers: {v!r} is not DTYPE or DTYPE+compile")
+            return 2
+    servers: dict[str, tuple[subprocess.Popen, str, str]] = {}
+    results: dict[tuple[str, int], list[dict]] = {(v, c): [] for v in variants for c in levels}
+    try:
+        for i, v in enumerate(variants):
+            t0 = time.perf_counter()
+            servers[v] = start_server(run, args.port + i, args, v.split("+")[0], v.endswith("+compile"))
+            print(f"{v} server up in {time.perf_counter() - t0:.0f} s", flush=True)
+        for v, (server, url, model) in servers.items():
             asyncio.run(level(url, 4, 8, 8, model, server.pid))  # warm-up
-            results: dict[int, list[dict]] = {c: [] for c in levels}
-            for r in range(args.rounds):
-                order = levels if r % 2 == 0 else levels[::-1]
-                for c in order:
-                    res = asyncio.run(level(url, c, args.requests, args.max_tokens, model, server.pid))
-                    results[c].append(res)
-                    print(f"round {r + 1} clients {c:>2}: {res['tok_s']:7.1f} tok/s, TTFT p50 "
-                          f"{1000 * res['ttft_p50']:6.0f} ms p95 {1000 * res['ttft_p95']:6.0f} ms, "
-                          f"{res['tok_cpu_s']:7.1f} tok per server CPU s", flush=True)
-        finally:
+        for r in range(args.rounds):
+            order = [(v, c) for c in levels for v in variants]
+            for v, c in order if r % 2 == 0 else order[::-1]:
+                server, url, model = servers[v]
+                res = asyncio.run(level(url, c, args.requests, args.max_tokens, model, server.pid))
+                results[v, c].append(res)
+                print(f"round {r + 1} {v:>8} clients {c:>2}: {res['tok_s']:7.1f} tok/s, TTFT p50 "
+                      f"{1000 * res['ttft_p50']:6.0f} ms p95 {1000 * res['ttft_p95']:6.0f} ms, "
+                      f"{res['tok_cpu_s']:7.1f} tok per server CPU s", flush=True)
+    finally:
+        for server, _, _ in servers.values():
             server.terminate()
             server.wait(timeout=30)
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
@@ -177,20 +222,29 @@ def main() -> int:
     print(f"\nMachine: {cpu_facts().model} ({os.cpu_count()} cores), torch {torch.__version__}, capability "
           f"{torch.backends.cpu.get_cpu_capability()}, load average {load[0]:.1f} at the end")
     print(f"{args.requests} requests x {args.max_tokens} tokens per level, server --max-batch {args.max_batch} "
-          f"--threads {args.threads}; "
-          f"medians of {args.rounds} rounds\n")
-    base = statistics.median(x["tok_s"] for x in results[levels[0]])
-    base_cpu = statistics.median(x["tok_cpu_s"] for x in results[levels[0]])
-    print("| clients | aggregate tok/s | vs one after another | TTFT p50 | TTFT p95 | tok per server CPU s | vs one "
-          "after another |")
-    print("|---|---|---|---|---|---|---|")
-    for c in levels:
-        tps = statistics.median(x["tok_s"] for x in results[c])
-        p50 = statistics.median(x["ttft_p50"] for x in results[c])
-        p95 = statistics.median(x["ttft_p95"] for x in results[c])
-        tcs = statistics.median(x["tok_cpu_s"] for x in results[c])
-        print(f"| {c} | {tps:.0f} | {tps / base:.2f}x | {1000 * p50:.0f} ms | {1000 * p95:.0f} ms | {tcs:.0f} | "
-              f"{tcs / base_cpu:.2f}x |")
+          f"--threads {args.threads}; medians of {args.rounds} rounds")
+    med = lambda v, c, k: statistics.median(x[k] for x in results[v, c])  # noqa: E731
+    for v in variants:
+        base, base_cpu = med(v, levels[0], "tok_s"), med(v, levels[0], "tok_cpu_s")
+        print(f"\n{v}:\n")
+        print("| clients | aggregate tok/s | vs one after another | TTFT p50 | TTFT p95 | tok per server CPU s | vs "
+              "one after another |")
+        print("|---|---|---|---|---|---|---|")
+        for c in levels:
+            print(f"| {c} | {med(v, c, 'tok_s'):.0f} | {med(v, c, 'tok_s') / base:.2f}x | "
+                  f"{1000 * med(v, c, 'ttft_p50'):.0f} ms | {1000 * med(v, c, 'ttft_p95'):.0f} ms | "
+                  f"{med(v, c, 'tok_cpu_s'):.0f} | {med(v, c, 'tok_cpu_s') / base_cpu:.2f}x |")
+        if 16 in levels and levels[0] == 1:
+            print(f"\ntarget (16 clients >= 5x one after another, p95 TTFT < 1 s): "
+                  f"{med(v, 16, 'tok_s') / base:.2f}x wall clock, {med(v, 16, 'tok_cpu_s') / base_cpu:.2f}x per "
+                  f"server CPU second, p95 TTFT {1000 * med(v, 16, 'ttft_p95'):.0f} ms")
+    first = variants[0]
+    for v in variants[1:]:
+        print(f"\n{v} / {first}, same clients:\n\n| clients | tok/s | tok per server CPU s |\n|---|---|---|")
+        for c in levels:
+            print(f"| {c} | {med(v, c, 'tok_s') / med(first, c, 'tok_s'):.2f}x | "
+                  f"{med(v, c, 'tok_cpu_s') / med(first, c, 'tok_cpu_s'):.2f}x |")
+    print(f"\nbenchmark wall time {time.perf_counter() - T0:.0f} s")
     return 0
 
 

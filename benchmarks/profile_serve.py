@@ -2,10 +2,10 @@
 (every thread, 200 Hz, 10 s) while bench_serve.py's clients load it, and the share of samples under each
 function is printed (a sample counts once per function on its stack).
 
-    pip install py-spy && python benchmarks/profile_serve.py
+    pip install py-spy && python benchmarks/profile_serve.py [--run RUN]
 
-The model is bench_serve.py's stand-in of the demo decoder (random weights, vocab 4096); server
---max-batch 16 --threads 1; 160 requests x 64 tokens, 16 at a time.
+The model is bench_serve.py's: the demo's trained decoder (vocab 4096), from --run or bench_serve's cache;
+server --max-batch 16 --threads 1; 160 requests x 64 tokens, 16 at a time.
 """
 
 from __future__ import annotations
@@ -37,8 +37,15 @@ def main() -> int:
         return 2
     import httpx
 
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", help="a decoder run (default: bench_serve.py's demo decoder)")
+    ap.add_argument("--cache", default=str(B.ROOT / "runs" / "bench-serve"))
+    args = ap.parse_args()
+    run = Path(args.run) if args.run else B.demo_decoder(Path(args.cache))
+    print(B.describe(run), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        run = B.stand_in(Path(tmp))
         env = {**os.environ, "PYTHONPATH": str(B.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         port = 8179
         srv = subprocess.Popen([sys.executable, "-m", "glassmind", "serve", str(run), "--port", str(port),

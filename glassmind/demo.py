@@ -107,14 +107,16 @@ DEMO_BUDGETS = {
 
 
 def pretrain_stage(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, budget: str = "small",
-                   dtype: str = "auto") -> dict:
+                   dtype: str = "auto", families: tuple[str, ...] = ("decoder", "encoder", "encoder-decoder")
+                   ) -> dict:
     """The demo's pre-training stage: a small decoder (causal LM), a tiny encoder (masked LM) and a tiny
     encoder-decoder (span corruption) with the demo's BPE tokenizer (the encoder uses it RoBERTa-style, with an
     added <|mask|>). Data: the standard library's top-level modules, the part of the built-in corpus that is
     ordinary code (its packages open with codec tables and test data, poor teachers for a few minutes of
     training). Returns, per family, the validation loss before and after, and a greedy sample from the
     decoder (a model this small repeats itself under greedy decoding; the loss drop is the point). `dtype`:
-    the compute dtype of all three (auto: what this machine computes fast, see common.resolve_dtype)."""
+    the compute dtype of all three (auto: what this machine computes fast, see common.resolve_dtype).
+    `families`: which of the three to train (benchmarks/bench_serve.py trains only the decoder)."""
     from glassmind import tokenizer as tok_lib
     from glassmind.model import load_model
     from glassmind.recipes.pretrain import CONFIG_FILE, PretrainConfig, pretrain
@@ -126,6 +128,8 @@ def pretrain_stage(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
     results: dict[str, Any] = {}
     for arch, name, kw in (("decoder", "pretrain-decoder", dec_kw), ("encoder", "pretrain-encoder", small_kw),
                            ("encoder-decoder", "pretrain-encoder-decoder", small_kw)):
+        if arch not in families:
+            continue
         run = out_dir / name
         data = [os.path.join(sysconfig.get_paths()["stdlib"], "*.py")]
         if arch == "decoder":  # the base model of the alignment stage: it must have read the fictional
@@ -141,7 +145,8 @@ def pretrain_stage(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
                          "val_loss_after": summary["val_loss"], "parameters": summary["parameters"],
                          "tokens": summary["tokens"], "seconds": summary["seconds"], "dtype": summary["dtype"]}
     dec_run = out_dir / "pretrain-decoder"
-    results["decoder"]["sample"] = greedy_sample(load_model(dec_run), tok_lib.load(dec_run), "def __init__(self")
+    if "decoder" in results:
+        results["decoder"]["sample"] = greedy_sample(load_model(dec_run), tok_lib.load(dec_run), "def __init__(self")
     return results
 
 

@@ -243,6 +243,8 @@ MATRIX = [
     ("stop a number", "/v1/chat/completions", {**GOOD, "stop": 5}, {}, 400, "stop", "invalid_type"),
     ("stop_options without stream", "/v1/chat/completions", {**GOOD, "stream_options": {"include_usage": True}},
      {}, 400, "stream_options", "invalid_value"),
+    ("beam search streamed", "/v1/completions", {"model": "tiny", "prompt": "a", "use_beam_search": True,
+                                                 "stream": True}, {}, 400, "stream", "invalid_value"),
     ("seed negative", "/v1/chat/completions", {**GOOD, "seed": -1}, {}, 400, "seed", "invalid_value"),
     ("empty messages", "/v1/chat/completions", {**GOOD, "messages": []}, {}, 400, "messages", "invalid_value"),
     ("messages an object", "/v1/chat/completions", {**GOOD, "messages": {"role": "user"}}, {}, 400, "messages",
@@ -525,7 +527,72 @@ def test_the_serve_verb_serves_runs_under_their_names_and_refuses_what_it_cannot
     app, served = build([str(tmp_path / "a/sft"), str(tmp_path / "b/sft"), str(tmp_path / "base")], ServeConfig())
     assert [s.name for s in served] == ["a/sft", "b/sft", "base"]
     assert not any(s.scheduler.thread.is_alive() for s in served)   # they start with the app
-    assert glassmind(["serve", str(tmp_path / "base"), "--compile"]) == 2
-    assert "--compile is not available" in capsys.readouterr().err
     assert glassmind(["serve", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_compile_serves_the_eager_greedy_text_alone_and_in_a_changing_batch(tmp_path):
+    """`glassmind serve --compile` (build with compile=True): decode steps through a CompiledStep whose batch
+    and key sizes are dynamic; its greedy tokens equal the eager engine's for a request alone and for requests
+    that join and leave each other's batch. Compiling takes most of this test's time (~10 s idle)."""
+    from glassmind.infer import Engine, SamplingParams
+    from glassmind.model import save_model
+    from glassmind.serve.cli import ServeConfig, build
+
+    model, tok = tiny_run()
+    save_model(model, tmp_path / "tiny")
+    tok.save(tmp_path / "tiny")
+    app, served = build([str(tmp_path / "tiny")], ServeConfig(compile=True, preferences=str(tmp_path / "p.jsonl")))
+    sched = served[0].scheduler
+    assert sched.compiled is not None and sched.batch.compiled is sched.compiled
+    sizes: list[int] = []
+    step = sched.batch._compiled_step
+    sched.batch._compiled_step = lambda tokens, mask4, col: (sizes.append(len(tokens)), step(tokens, mask4, col))[1]
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]    # the warm-up's compilations
+    assert graphs >= 2
+    prompts = ["The quick brown", "def add(a, b):", "Hello world! How", "Numbers: 1 2"]
+    lengths = [30, 12, 22, 17]
+    engine = Engine(model, packed=False)
+    refs = [engine.generate([tok.encode(p)], SamplingParams(max_new_tokens=n))[0] for p, n in zip(prompts, lengths)]
+    want = [r.ids for r in refs]
+    with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=120) as http:
+        def ask(i):
+            r = http.post("/v1/completions", json={"model": "tiny", "prompt": prompts[i], "max_tokens": lengths[i],
+                                                   "temperature": 0, "ignore_eos": True, "return_token_ids": True,
+                                                   "logprobs": 1})
+            assert r.status_code == 200, r.text
+            c = r.json()["choices"][0]
+            # the logprobs too: a random model's greedy tokens repeat, and may survive a wrong cache slot
+            assert c["logprobs"]["token_logprobs"] == pytest.approx(refs[i].logprobs, abs=1e-4)
+            return c["token_ids"]
+
+        assert ask(0) == want[0]                                      # alone: the batch-of-1 compilation
+        got: dict[int, str] = {}
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, ask(i))) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [got[i] for i in range(4)] == want                    # batches of 2-4 rows, rows leaving
+    assert 1 in sizes and max(sizes) >= 3 and len(set(sizes)) >= 3, sizes
+    # rows that keep joining push the batch's cache column to the context's end (the step that reads every
+    # slot) and past it (the cut of unused columns): compiled and eager steps agree throughout
+    from glassmind.infer.continuous import RunningBatch
+
+    C = model.config.context_length
+    eager, comp = RunningBatch(model), RunningBatch(model, compiled=sched.compiled)
+    toks = None
+    for i in range(2 * C):
+        if i % 40 == 0:
+            p = tok.encode(prompts[(i // 40) % 4])
+            new = [eager.admit([p]), comp.admit([p])]
+            toks = new[0].argmax(-1) if toks is None else torch.cat([toks, new[0].argmax(-1)])
+        if max(eager.lens) >= C - 1:                                 # the scheduler stops a row here
+            eager.remove([0])
+            comp.remove([0])
+            toks = toks[1:]
+        a, b = eager.step(toks), comp.step(toks)
+        assert torch.allclose(a, b, atol=1e-4), f"step {i}, column {eager.col}"
+        toks = a.argmax(-1)
+    assert eager.col == comp.col
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs   # no batch size compiled anew

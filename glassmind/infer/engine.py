@@ -39,7 +39,8 @@ from glassmind.infer import fast_linear
 from glassmind.infer.batch import DecodeBatch, DecoderBatch, Seq2SeqBatch, Session
 from glassmind.infer.compiled import CompiledDecoderBatch, CompiledStep
 from glassmind.infer.beam import Hypothesis, beam_search
-from glassmind.infer.sampling import SamplingParams, make_generators, process, sample, stop_length
+from glassmind.infer.continuous import BatchSampler, RowSampler
+from glassmind.infer.sampling import SamplingParams, stop_length
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -335,38 +336,24 @@ class Engine:
 
     def _sample(self, batch, prompts, params, max_new, reasons, t0) -> Iterator[StreamEvent]:
         """Greedy or sampling: one token per live row per step; rows leave the batch when they finish."""
-        B, N, V = len(prompts), params.top_logprobs, self.config.vocab_size
+        B, V = len(prompts), self.config.vocab_size
         eos = frozenset(params.eos_token_ids)
         stops = tuple(tuple(s) for s in params.stop_sequences)
-        greedy = params.is_greedy
         out: list[_Partial] = [_Partial() for _ in range(B)]
         alive = list(range(B))                     # prompt index of each batch row
         logits = batch.prefill()                                                       # (B, V)
         device = logits.device
-        gens = None if greedy else make_generators(params.seed, B, device)
-        seen = None
-        if params.repetition_penalty != 1.0:
-            seen = torch.zeros(B, V, dtype=torch.bool, device=device)
-            for i, p in enumerate(prompts):
-                seen[i, p] = True
+        # the continuous batch's sampler, so that a server row and this call choose the same tokens: sequence
+        # i is a row seeded with seed + i (make_generators' convention), with its own uniforms
+        sampler = BatchSampler.of([RowSampler(params, p, V, device, seed_offset=i, max_new=max_new[i])
+                                   for i, p in enumerate(prompts)], V, device)
         while True:
-            scores = process(logits, params, seen)
-            if greedy:
-                tok = scores.max(-1).indices  # (b,); the first maximum, as argmax, at half its CPU cost
-            else:
-                tok = sample(scores, [gens[i] for i in alive])  # type: ignore[index]
-            raw = logits.log_softmax(-1)  # the model's own distribution (faster on CPU than logsumexp)
-            tok_lp = raw.gather(-1, tok[:, None])[:, 0]                                # (b,)
-            toks, lps = tok.tolist(), tok_lp.tolist()
-            tops: list[list[tuple[int, float]]] = [[] for _ in alive]
-            if N:
-                top_lp, top_id = raw.topk(N, dim=-1)
-                tops = [list(zip(i, lp)) for i, lp in zip(top_id.tolist(), top_lp.tolist())]
+            picks = sampler.choose(logits)
             now = time.perf_counter()
             keep = []
             for r, i in enumerate(alive):
-                o = out[i]
-                o.add(toks[r], lps[r], tops[r], now)
+                o, c = out[i], picks[r]
+                o.add(c.token, c.logprob, c.top_logprobs, now)
                 n = stop_length(o.ids, eos, stops)
                 reason = "stop" if n else (reasons[i] if len(o.ids) >= max_new[i] else None)
                 result = None
@@ -375,17 +362,15 @@ class Engine:
                                           reused=getattr(batch, "reused", 0))
                 else:
                     keep.append(r)
-                yield StreamEvent(i, toks[r], lps[r], tops[r], reason, result)
+                yield StreamEvent(i, c.token, c.logprob, c.top_logprobs, reason, result)
             if not keep:
                 return
+            tok = torch.tensor([picks[r].token for r in keep], dtype=torch.long, device=device)
             if len(keep) < len(alive):         # finished rows leave the batch: no more compute for them
                 idx = torch.tensor(keep, device=device)
                 batch.select(idx)
-                tok = tok.index_select(0, idx)
-                seen = seen.index_select(0, idx) if seen is not None else None
+                sampler.select(idx)
                 alive = [alive[r] for r in keep]
-            if seen is not None:
-                seen.scatter_(1, tok[:, None], True)
             logits = batch.step(tok)
 
     def _beam(self, batch, prompts, params, max_new, reasons, t0) -> Iterator[StreamEvent]:

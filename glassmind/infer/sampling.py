@@ -162,11 +162,35 @@ def process(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | N
     return min_p_filter(logits, params.min_p)
 
 
+def draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling, one token per row from softmax(logits) (B, V), row r at its uniform u[r] (B,)
+    float64 in [0, 1): the first token (in vocabulary order) whose cumulative probability exceeds u[r] x the
+    row's total. One batched softmax, cumsum and searchsorted for the whole batch, so a row's token depends on
+    its logits and its own uniform only, never on the other rows.
+
+    The uniforms should have float32 resolution (at most 1 - 2**-24, as torch.rand in float32 gives): then
+    u x total < total in float64, so the search always lands on a token of nonzero probability (a token
+    filtered to -inf adds nothing to the cumulative sum, so the first sum past any point is never its)."""
+    probs = logits.float().softmax(-1)                                                # (B, V)
+    cdf = probs.cumsum(-1, dtype=torch.float64)                                       # (B, V)
+    x = u.to(torch.float64)[:, None] * cdf[:, -1:]                                    # (B, 1)
+    idx = torch.searchsorted(cdf, x, right=True)                                      # (B, 1)
+    return idx[:, 0].clamp_(max=logits.shape[-1] - 1)
+
+
+def uniforms(generator: torch.Generator, n: int) -> torch.Tensor:
+    """A sequence's n uniforms for its n sampled tokens (n,) float64, drawn in float32 (see draw). torch.rand
+    draws them one after another, so the first k of n are the first k of any longer draw: the tokens do not
+    depend on how many were drawn ahead."""
+    return torch.rand(n, generator=generator, device=generator.device).to(torch.float64)
+
+
 def sample(logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row from softmax(logits), row i drawn with generators[i]: a sequence's sample depends on
-    its own seed only, not on which other sequences share the batch. (B, V) -> (B,) long."""
-    probs = logits.float().softmax(-1)
-    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+    """One token per row from softmax(logits), row i drawn with generators[i] (one uniform each, see draw): a
+    sequence's sample depends on its own seed only, not on which other sequences share the batch.
+    (B, V) -> (B,) long."""
+    u = torch.cat([uniforms(g, 1) for g in generators]).to(logits.device)
+    return draw(logits, u)
 
 
 def make_generators(seed: int | None, n: int, device: torch.device) -> list[torch.Generator]:

@@ -65,17 +65,41 @@ class Served:
         return self.model.config.context_length
 
 
-def make_served(name: str, model, tok, *, max_batch: int = 16, max_queue: int = 64, metrics: Metrics | None = None
-                ) -> Served:
+def make_served(name: str, model, tok, *, max_batch: int = 16, max_queue: int = 64, metrics: Metrics | None = None,
+                compile: bool = False) -> Served:
+    """One served model. compile: its decode steps run a torch.compile'd step (compiled.CompiledStep),
+    compiled here, before the server answers, for a batch of 1 and for batches of 2 or more (the first
+    request must not wait for a compilation)."""
     from glassmind.tokenizer.chat import ChatFormat, has_chat_tokens
 
     specials = getattr(tok, "special_tokens", {}) or {}
     eos = tuple(specials[s] for s in STOP_TOKENS if s in specials)
-    sched = Scheduler(name, model, tok, max_batch=max_batch, max_queue=max_queue, eos_ids=eos, metrics=metrics)
+    compiled = None
+    if compile:
+        from glassmind.infer.compiled import CompiledStep
+
+        compiled = CompiledStep(model)
+        compiled.refresh()     # the weights do not change while serving: one snapshot, one generation
+        warm_up(model, compiled, min(2, max_batch))
+    sched = Scheduler(name, model, tok, max_batch=max_batch, max_queue=max_queue, eos_ids=eos, metrics=metrics,
+                      compiled=compiled)
     if metrics is not None:
         metrics.ensure(name)
     fmt = ChatFormat(tok) if has_chat_tokens(tok) else None
     return Served(name, model, tok, sched, fmt, int(time.time()))
+
+
+def warm_up(model, compiled, rows: int) -> None:
+    """Compile the decode step for batches of 1 and (rows >= 2) of 2 or more, by two steps of each."""
+    import torch
+
+    from glassmind.infer.continuous import RunningBatch
+
+    for n in sorted({1, rows}):
+        batch = RunningBatch(model, compiled=compiled)
+        batch.admit([[0]] * n)
+        for _ in range(2):
+            batch.step(torch.zeros(n, dtype=torch.long))
 
 
 def _json(text: bytes) -> Any:

@@ -32,8 +32,9 @@ class ServeConfig:
                                                                             "ranking view appends to"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | mps"})
     dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16 | fp16"})
-    compile: bool = field(default=False, metadata={"help": "compile the decode step (not yet available for "
-                                                           "continuous batching: refused)"})
+    compile: bool = field(default=False, metadata={"help": "run decode steps through a torch.compile'd step "
+                                                           "(compiled at start: tens of seconds; needs a C++ "
+                                                           "compiler)"})
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch"})
 
 
@@ -54,9 +55,6 @@ def build(runs: list[str], cfg: ServeConfig):
     from glassmind.serve.app import create_app, make_served
     from glassmind.serve.metrics import Metrics
 
-    if cfg.compile:
-        raise GlassmindError("--compile is not available for serving yet: the compiled decode step has fixed "
-                             "batch shapes and continuous batching changes them every step; serve without it")
     if cfg.max_batch < 1 or cfg.max_queue < 1:
         raise GlassmindError("--max-batch and --max-queue must be >= 1")
     if not 0 < cfg.port < 65536:
@@ -75,8 +73,10 @@ def build(runs: list[str], cfg: ServeConfig):
         model, tok = load_run(run, device=cfg.device, dtype=cfg.dtype)
         if model.config.arch != "decoder":
             raise GlassmindError(f"{run} is a {model.config.arch}; serve runs decoders")
+        if cfg.compile:
+            print(f"compiling {name}'s decode step (batches of 1, and of 2 or more) ...", flush=True)
         served.append(make_served(name, model, tok, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
-                                  metrics=metrics))
+                                  metrics=metrics, compile=cfg.compile))
     key = cfg.api_key or os.environ.get("GLASSMIND_API_KEY") or None
     return create_app(served, api_key=key, preferences=cfg.preferences, metrics=metrics), served
 

@@ -243,7 +243,8 @@ def parse(body: Any, kind: str) -> Parsed:
     if beam and n > num_beams:
         raise bad("n", "with beam search `n` (the best beams returned) cannot exceed `num_beams`")
     if beam and stream:
-        raise bad("stream", "beam search cannot stream: its best reply is known only at the end")
+        raise bad("stream", "beam search cannot stream: its best reply is known only when every beam has ended; "
+                            "send it with stream false, or sample (temperature > 0) to stream")
     length_penalty = _num(body, "length_penalty", -10.0, 10.0, 1.0)
     return Parsed(kind, model, prompt, messages, max_tokens, n, temperature, top_p, max(top_k, 0), min_p,
                   repetition_penalty, seed, stops, stream, include_usage, logprobs, beam, num_beams, length_penalty,

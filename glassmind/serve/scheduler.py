@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from glassmind.infer.continuous import Choice, RowSampler, RunningBatch, choose
+from glassmind.infer.continuous import BatchSampler, Choice, RowSampler, RunningBatch
 from glassmind.infer.detok import Detokenizer
 from glassmind.infer.sampling import SamplingParams
 
@@ -137,14 +137,16 @@ class Scheduler:
     """Continuous batching over one model. Start with start(); stop with close()."""
 
     def __init__(self, name: str, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
-                 eos_ids: tuple[int, ...] = (), metrics=None):
+                 eos_ids: tuple[int, ...] = (), metrics=None, compiled=None):
         self.name, self.model, self.tok = name, model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.eos = frozenset(eos_ids)
         self.metrics = metrics
         self.vocab = model.config.vocab_size
         self.device = next(model.parameters()).device
-        self.batch = RunningBatch(model)
+        self.compiled = compiled       # a CompiledStep for the decode steps (serve --compile), or None
+        self.batch = RunningBatch(model, compiled=compiled, packed=compiled is None)
+        self.sampler = BatchSampler(self.vocab, self.device)    # the rows' settings, row for row with the batch
         self.rows: list[_Row] = []
         self.waiting: collections.deque[Request] = collections.deque()
         self.jobs: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
@@ -239,7 +241,8 @@ class Scheduler:
                     r.req.error = f"internal error in the scheduler: {type(e).__name__}"
                     r.req.emit([None])
                 self.rows = []
-                self.batch = RunningBatch(self.model)
+                self.batch = RunningBatch(self.model, compiled=self.compiled, packed=self.compiled is None)
+                self.sampler = BatchSampler(self.vocab, self.device)
             if self.metrics:
                 self.metrics.waiting(self.name, len(self.waiting))
                 self.metrics.running(self.name, self.running_requests)
@@ -263,6 +266,7 @@ class Scheduler:
         if gone:
             reqs = {id(self.rows[i].req) for i in gone}
             self.batch.remove(gone)
+            self.sampler.remove(gone)
             drop = set(gone)
             self.rows = [r for i, r in enumerate(self.rows) if i not in drop]
             if self.metrics:
@@ -279,16 +283,20 @@ class Scheduler:
                 self.metrics.prompt_tokens(self.name, sum(len(s.prompt) for s in req.rows))
             eos = frozenset() if req.ignore_eos else self.eos
             for spec, max_new in zip(req.rows, req.max_new):
-                sampler = RowSampler(req.params, spec.prompt, self.vocab, self.device, seed_offset=spec.seed_offset)
+                sampler = RowSampler(req.params, spec.prompt, self.vocab, self.device, seed_offset=spec.seed_offset,
+                                     max_new=max_new)
                 new.append(_Row(req, spec, sampler, Detokenizer(self.tok), max_new, eos))
         logits = self.batch.admit([r.spec.prompt for r in new])
+        sampler = BatchSampler.of([r.sampler for r in new], self.vocab, self.device)
+        picks = sampler.choose(logits)       # the newcomers' first tokens, then they join the running rows
+        self.sampler.append(sampler)
         self.rows += new
-        self._take(choose(logits, [r.sampler for r in new]), new, len(self.rows) - len(new))
+        self._take(picks, new, len(self.rows) - len(new))
 
     def _step(self) -> None:
         tokens = torch.tensor([r.pending for r in self.rows], dtype=torch.long)
         logits = self.batch.step(tokens)
-        self._take(choose(logits, [r.sampler for r in self.rows]), self.rows, 0)
+        self._take(self.sampler.choose(logits), self.rows, 0)
 
     def _take(self, picks: list[Choice], rows: list[_Row], offset: int) -> None:
         """Hand each row's new token to its request; rows that finished leave the batch."""
@@ -337,5 +345,6 @@ class Scheduler:
             req.emit(evs)
         if done:
             self.batch.remove(done)
+            self.sampler.remove(done)
             gone = set(done)
             self.rows = [r for i, r in enumerate(self.rows) if i not in gone]

@@ -542,7 +542,7 @@ def test_serve_compile_serves_the_eager_greedy_text_alone_and_in_a_changing_batc
     model, tok = tiny_run()
     save_model(model, tmp_path / "tiny")
     tok.save(tmp_path / "tiny")
-    app, served = build([str(tmp_path / "tiny")], ServeConfig(compile=True, preferences=str(tmp_path / "p.jsonl")))
+    app, served = build([str(tmp_path / "tiny")], ServeConfig(compile=True, dtype="fp32", preferences=str(tmp_path / "p.jsonl")))
     sched = served[0].scheduler
     assert sched.compiled is not None and sched.batch.compiled is sched.compiled
     sizes: list[int] = []

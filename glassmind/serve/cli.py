@@ -31,7 +31,8 @@ class ServeConfig:
     preferences: str = field(default="preferences.jsonl", metadata={"help": "the preference JSONL the page's "
                                                                             "ranking view appends to"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | mps"})
-    dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16 | fp16"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 weights where this machine computes bf16 "
+                                                          "natively, else fp32) | fp32 | bf16 | fp16"})
     compile: bool = field(default=False, metadata={"help": "run decode steps through a torch.compile'd step "
                                                            "(compiled at start: tens of seconds; needs a C++ "
                                                            "compiler)"})

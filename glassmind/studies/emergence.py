@@ -72,17 +72,15 @@ def zero_resolution(n: int, confidence: float = 0.95) -> float:
     return 1.0 - (1.0 - confidence) ** (1.0 / n)
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson's score interval for a binomial proportion (Wilson 1927): unlike p +- z sqrt(p(1-p)/n), it does
-    not collapse to [0, 0] when nothing is right, which is exactly the near-zero accuracies of small models.
-    0 of 10 -> [0, 0.278]; 5 of 10 -> [0.237, 0.763]."""
-    if n < 1 or not 0 <= successes <= n:
-        raise ValueError(f"need 0 <= successes <= n and n >= 1, got {successes} of {n}")
-    p = successes / n
-    z2 = z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+def wilson_interval(successes: int, n: int) -> tuple[float, float]:
+    """Wilson's 95% score interval (glassmind.evals.stats.wilson, shared with the evals): unlike
+    p +- z sqrt(p(1-p)/n) it does not collapse to [0, 0] when nothing is right, which is exactly the near-zero
+    accuracies of small models. 0 of 10 -> [0, 0.278]; 5 of 10 -> [0.237, 0.763]."""
+    from glassmind.evals.stats import wilson
+
+    if n < 1:
+        raise ValueError(f"need n >= 1, got {n}")
+    return wilson(successes, n)
 
 
 def n_to_resolve(accuracy: float, confidence: float = 0.95) -> float:

@@ -630,7 +630,9 @@ def write_card(root: Path, cfg: EmergenceConfig, command: str, prep: dict, rows:
               f"- Exact match predicted from per-digit accuracy p as p^L (digits right independently): mean error "
               f"{err.mean():+.3f}, mean absolute error {np.abs(err).mean():.3f} over {len(rows)} (size, checkpoint, "
               f"k) points; p^L is above the measured on {int((err > 1e-9).sum())}, below on {int((err < -1e-9).sum())} "
-              "(above: wrong digits fall on the same problems more than independence implies; below: less).",
+              "(above: fewer problems are entirely right than independent digits of one accuracy p would give; "
+              "digit positions of unequal difficulty alone do this, since the product of per-position accuracies is "
+              "at most their mean to the L).",
               f"- {cfg.test_n} test problems cannot tell an exact match below {zero_resolution(cfg.test_n):.4f} from "
               f"zero (95%, 0 right); a model with true accuracy a needs about 3/a problems to get one right. "
               + (f"{len(near)} final (size, k) points score under 0.05: " + ", ".join(

@@ -210,7 +210,7 @@ class EmergenceConfig:
 BUDGETS = {
     # 2- and 3-digit sums (4 digits were not learned by any size in 1,200 steps); more, smaller steps: at
     # this scale the count of updates matters more than the batch
-    "default": dict(sizes="16x1,32x1,64x2,96x2", digits="2,3", steps=2400, checkpoints=4, test_n=400,
+    "default": dict(sizes="32x1,64x2,96x2", digits="2,3", steps=2400, checkpoints=4, test_n=400,
                     batch_tokens=1024, micro_batch=16),
     "tiny": dict(sizes="16x1,24x1,32x1", digits="2,3", steps=24, checkpoints=2, test_n=40, context=32,
                  batch_tokens=256, micro_batch=8, min_steps=4),

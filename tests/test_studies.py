@@ -66,7 +66,7 @@ def test_architectures_study_tiny(tmp_path):
         assert abs(int(rows[m]["params_nonemb"]) - t) / t < 0.05
     assert len([k for k in rows["lstm"] if k.startswith("loss_pos")]) == 16
     thr = list(csv.DictReader(open(out / "throughput.csv")))
-    assert {r["model"] for r in thr} == set(rows) and all(float(r["tokens_per_s"]) > 0 for r in thr)
+    assert {r["model"] for r in thr} == set(rows) - {"seq2seq"} and all(float(r["tokens_per_s"]) > 0 for r in thr)
     assert "per-position" in (out / "card.md").read_text() or "loss at pos" in (out / "card.md").read_text()
     # the recall task: every model, the seq2seq too, at every distance, in the CSV and the card
     rec = list(csv.DictReader(open(out / "recall.csv")))

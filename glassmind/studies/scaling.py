@@ -669,7 +669,7 @@ def isoflop_edges(a2: dict, results: list[dict], key: str = "N_nonemb") -> list[
         best = min(range(len(g)), key=lambda i: g[i]["val_loss"])
         where = ("the smallest" if best == 0 else "the largest" if best == len(g) - 1 else "an interior")
         txt = (f"- IsoFLOP {o['C']:.3g}: the lowest loss is at {where} size sampled ({g[best]['name']}, "
-               f"{g[best][key]:,} parameters, of {len(g)} sizes); the parabola's vertex N* = {o['N_opt']:,.0f} is ")
+               f"{g[best][key]:,} parameters, of {len(g)} sizes); the parabola's vertex N* = {o['N_opt']:.3g} is ")
         if o["inside"]:
             txt += f"inside the sampled range [{o['N_min']:,.0f}, {o['N_max']:,.0f}]."
         else:

@@ -52,6 +52,9 @@ def test_scaling_study_refuses_an_impossible_grid_before_training(tmp_path, caps
     err = capsys.readouterr().err
     assert "gets 0 steps" in err or "an IsoFLOP parabola needs 3" in err
     assert "raise that --flops level" in err or "add sizes" in err
+    # one level of 3 sizes: a parabola, but too few runs for Approach 3's 5 parameters
+    assert main(["study", "scaling", "--budget", "tiny", "--out", str(out), "--flops", "2e9"]) == 2
+    assert "Approach 3 fits 5 parameters and needs at least 5" in capsys.readouterr().err
     assert not out.exists()
 
 

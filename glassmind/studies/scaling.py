@@ -457,6 +457,10 @@ def plan_grid(cfg: ScalingConfig, vocab: int, train_tokens: int | None = None) -
                             f"[{cfg.min_ratio}, {cfg.max_ratio}]: an IsoFLOP parabola needs 3; add sizes, "
                             f"widen --min-ratio/--max-ratio, or move the level")
         points += row
+    if len(points) < 5:
+        # found after training before: Approach 3 refused its 3 points once the runs had been paid for
+        problems.append(f"the grid has {len(points)} runs: Approach 3 fits 5 parameters and needs at least 5; "
+                        "add a --flops level or sizes")
     if problems:
         raise GlassmindError("the grid cannot run:\n  " + "\n  ".join(problems))
     return points

@@ -14,8 +14,8 @@ STUDIES: dict[str, tuple[str, str]] = {
                                              "a pre-registered prediction (--fit points.csv: fit your own)"),
     "emergence": ("glassmind.studies.emergence", "a ladder of sizes on k-digit addition: exact match vs per-digit, "
                                                  "edit distance, log-likelihood, Brier (is the jump a mirage?)"),
-    "architectures": ("glassmind.studies.architectures", "RNN/LSTM/GRU vs Transformers: throughput, per-position "
-                                                         "loss, gradient reach (vanishing gradients)"),
+    "architectures": ("glassmind.studies.architectures", "RNN/LSTM/GRU/seq2seq vs Transformers: throughput, per-position "
+                                                         "loss, gradient reach, long-range recall"),
     "alignment": ("glassmind.studies.alignment", "SFT -> reward model -> PPO/DPO; with --study: PPO seeds, KL 0, the "
                                                  "verifier as the reward (does RLHF beat SFT by more than the spread?)"),
     "induction": ("glassmind.studies.induction", "a model trained on in-context copying grows induction heads: found, "

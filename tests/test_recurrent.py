@@ -73,3 +73,16 @@ def test_seq2seq_learns_to_reverse_a_sequence():
     src = torch.randint(1, 9, (200, S))
     acc = (model.greedy(src, bos, S) == src.flip(1)).float().mean().item()
     assert acc > 0.9
+
+
+def test_recall_rows_answer_the_value_paired_with_the_queried_key():
+    from glassmind.studies.architectures import (FILLER0, KEY0, QUERY, RECALL_KEYS, VALUE0, recall_batch)
+
+    g = torch.Generator().manual_seed(0)
+    src, ans = recall_batch(64, 3, 10, g)
+    assert src.shape == (64, 2 * 3 + 10 + 2)
+    for row, a in zip(src.tolist(), ans.tolist()):
+        keys, values = row[0:6:2], row[1:6:2]
+        assert len(set(keys)) == 3 and all(KEY0 <= k < KEY0 + RECALL_KEYS for k in keys)
+        assert all(FILLER0 <= t for t in row[6:16]) and row[16] == QUERY
+        assert a == values[keys.index(row[17])] and VALUE0 <= a < FILLER0

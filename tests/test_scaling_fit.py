@@ -118,3 +118,25 @@ def test_fit_command_reads_points_and_prints_json(tmp_path, capsys):
     bad.write_text("params,tokens,loss\n1,2,3\n")
     assert main(["study", "scaling", "--fit", str(bad)]) == 2
     assert "Name the columns N, D, loss" in capsys.readouterr().err
+
+
+def test_isoflop_card_names_the_edge_when_the_grid_misses_the_minimum():
+    from glassmind.studies.scaling import isoflop_edges
+
+    # Chinchilla's law sampled only at sizes 2x to 20x above its compute-optimal N at C = 1e20, and centred at
+    # C = 1e21: the first budget's minimum lies below the smallest size, the second's inside
+    results = []
+    for C, lo, hi in ((1e20, 0.3, 1.3), (1e21, -0.6, 0.6)):
+        n_opt, _ = compute_optimal(C, **CHINCHILLA)
+        for i, N in enumerate(n_opt * np.logspace(lo, hi, 5)):
+            D = C / (6 * N)
+            results.append(dict(name=f"C{C:.0e}-{i}", C_target=C, N_nonemb=int(N), tokens=D,
+                                val_loss=float(chinchilla_loss(N, D, **CHINCHILLA))))
+    a2 = approach2([{"N": r["N_nonemb"], "D": r["tokens"], "loss": r["val_loss"], "C": r["C_target"]} for r in results])
+    edge, inner = (next(o for o in a2["optima"] if o["C"] == C) for C in (1e20, 1e21))
+    assert edge["edge"] == "below the smallest size" and not edge["inside"]
+    assert inner["edge"] == "inside"
+    lines = isoflop_edges(a2, results)
+    assert "the lowest loss is at the smallest size sampled (C1e+20-0" in lines[0]
+    assert "below the smallest size sampled" in lines[0] and "extrapolation" in lines[0]
+    assert "an interior size" in lines[1] and "inside the sampled range" in lines[1]

@@ -12,8 +12,10 @@ from glassmind.common import dispatch
 STUDIES: dict[str, tuple[str, str]] = {
     "scaling": ("glassmind.studies.scaling", "FLOP-matched grid; Chinchilla approaches 1-3 and Kaplan fits; "
                                              "a pre-registered prediction (--fit points.csv: fit your own)"),
-    "architectures": ("glassmind.studies.architectures", "RNN/LSTM/GRU vs Transformers: throughput, per-position "
-                                                         "loss, gradient reach (vanishing gradients)"),
+    "emergence": ("glassmind.studies.emergence", "a ladder of sizes on k-digit addition: exact match vs per-digit, "
+                                                 "edit distance, log-likelihood, Brier (is the jump a mirage?)"),
+    "architectures": ("glassmind.studies.architectures", "RNN/LSTM/GRU/seq2seq vs Transformers: throughput, per-position "
+                                                         "loss, gradient reach, long-range recall"),
     "alignment": ("glassmind.studies.alignment", "SFT -> reward model -> PPO/DPO; with --study: PPO seeds, KL 0, the "
                                                  "verifier as the reward (does RLHF beat SFT by more than the spread?)"),
     "induction": ("glassmind.studies.induction", "a model trained on in-context copying grows induction heads: found, "

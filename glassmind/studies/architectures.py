@@ -9,10 +9,15 @@ Transformer decoder with the same non-embedding parameter count, trained on the 
                      LSTM's loss stops improving after the first tens of tokens; the Transformer's keeps falling)
     3. gradients     the norm of d loss_T / d x_{T-k} for each distance k, at initialisation and after training,
                      as a heatmap (vanishing gradients: Bengio et al. 1994, Hochreiter 1991)
+    4. recall        key-value recall at growing distance: P (key, value) pairs, d filler tokens, then a query
+                     key; the model must answer its value. Accuracy against d for the language models and for a
+                     seq2seq with additive attention (Bahdanau et al. 2015), all of matched parameters
 
 The Transformer trains through the pretrain recipe (its own process); the recurrent models, which that recipe
 does not build, train in a small flat loop here with the same nouns (AdamW param groups, the warmup + cosine
 schedule, gradient clipping), the same batches (the same shards and loader seed) and the same token budget.
+The recall task is token-level and synthetic (no text, no tokenizer), which the pretrain recipe does not read:
+there every model, the Transformer included, trains through the same flat loop on the same batches.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from torch.nn import functional as F
 from glassmind.common import GlassmindError, add_config_args, atomic_write_text, run_main
 
 MODELS = ("transformer", "rnn", "lstm", "gru")
+RECALL_MODELS = (*MODELS, "seq2seq")
 
 
 def _f(default, help: str, **kw):
@@ -56,6 +62,12 @@ class ArchConfig:
     vocab_size: int = _f(512, "BPE vocabulary trained for the study")
     max_bytes: int = _f(6_000_000, "bytes of the built-in corpus")
     val_fraction: float = _f(0.05, "documents held out for validation")
+    recall: bool = _f(True, "also run the key-value recall task (--no-recall: skip it)")
+    recall_distances: str = _f("0,16,64,128", "filler tokens between the last (key, value) pair and the query")
+    recall_pairs: int = _f(2, "(key, value) pairs before the filler; the query asks one of them")
+    recall_steps: int = _f(600, "optimizer steps of the recall task, every model")
+    recall_batch: int = _f(32, "sequences per recall step (one distance per step, cycling)")
+    recall_eval: int = _f(256, "held-out recall queries per distance")
     workers: int = _f(0, "training processes at once (0: one per core)")
     seed: int = _f(1337, "seed")
 
@@ -63,7 +75,8 @@ class ArchConfig:
 BUDGETS = {
     "default": {},
     "tiny": dict(d_model=16, n_layers=1, context=16, steps=6, batch_tokens=128, micro_batch=8, lengths="8,16",
-                 reps=1, eval_batches=2, max_bytes=1_000_000, val_fraction=0.2),
+                 reps=1, eval_batches=2, max_bytes=1_000_000, val_fraction=0.2, recall_distances="0,8",
+                 recall_steps=4, recall_batch=8, recall_eval=16),
 }
 
 
@@ -85,6 +98,12 @@ def check(cfg: ArchConfig) -> list[str]:
         raise GlassmindError("--lengths must be at least 2")
     if cfg.steps < 2:
         raise GlassmindError("--steps must be at least 2")
+    if cfg.recall:
+        recall_distances(cfg)
+        if not 1 <= cfg.recall_pairs <= RECALL_KEYS:
+            raise GlassmindError(f"--recall-pairs {cfg.recall_pairs}: between 1 and {RECALL_KEYS} (distinct keys)")
+        if cfg.recall_steps < 1 or cfg.recall_batch < 1 or cfg.recall_eval < 1:
+            raise GlassmindError("--recall-steps, --recall-batch and --recall-eval must be positive")
     return models
 
 
@@ -246,6 +265,132 @@ def _train_recurrent(point: dict, cfg: ArchConfig, model):
 
 
 # ------------------------------------------------------------------------------------------------------
+# long-range recall: keys, values and filler are disjoint token ranges of one small vocabulary
+
+RECALL_KEYS, RECALL_VALUES, RECALL_FILLER = 16, 16, 32
+BOS, QUERY = 0, 1
+KEY0 = 2                                  # keys 2..17
+VALUE0 = KEY0 + RECALL_KEYS               # values 18..33
+FILLER0 = VALUE0 + RECALL_VALUES          # filler 34..65
+RECALL_VOCAB = FILLER0 + RECALL_FILLER
+
+
+def recall_distances(cfg: ArchConfig) -> list[int]:
+    try:
+        ds = sorted({int(x) for x in cfg.recall_distances.split(",") if x.strip()})
+    except ValueError:
+        raise GlassmindError(f"--recall-distances {cfg.recall_distances!r}: write filler lengths like 0,16,64") from None
+    if not ds or ds[0] < 0:
+        raise GlassmindError("--recall-distances must be lengths >= 0")
+    return ds
+
+
+def recall_batch(n: int, pairs: int, distance: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(src (n, 2 pairs + distance + 2), answer (n,)): k_1 v_1 ... k_P v_P, `distance` filler tokens, QUERY, k_j;
+    the answer is v_j. Keys are distinct within a row; values and filler are drawn freely. The answer is
+    2 (P - j) + distance + 2 tokens behind the query's key: at distance 0 and the last pair, 3 tokens."""
+    keys = torch.argsort(torch.rand(n, RECALL_KEYS, generator=g), dim=1)[:, :pairs] + KEY0    # (n, P) distinct
+    values = torch.randint(VALUE0, VALUE0 + RECALL_VALUES, (n, pairs), generator=g)
+    filler = torch.randint(FILLER0, FILLER0 + RECALL_FILLER, (n, distance), generator=g)
+    j = torch.randint(0, pairs, (n,), generator=g)
+    kv = torch.stack([keys, values], dim=2).reshape(n, 2 * pairs)                              # (n, 2P)
+    rows = torch.arange(n)
+    src = torch.cat([kv, filler, torch.full((n, 1), QUERY), keys[rows, j][:, None]], dim=1)
+    return src, values[rows, j]
+
+
+def recall_model(cfg: ArchConfig, name: str) -> torch.nn.Module:
+    """Every model of the recall task at the Transformer's non-embedding parameter count."""
+    from glassmind.model.recurrent import RecurrentConfig, RecurrentLM, Seq2Seq, Seq2SeqConfig, hidden_for_params
+    from glassmind.model.transformer import ModelConfig, Transformer
+
+    T = 2 * cfg.recall_pairs + max(recall_distances(cfg)) + 2
+    tcfg = ModelConfig(arch="decoder", vocab_size=RECALL_VOCAB, context_length=T, d_model=cfg.d_model,
+                       n_heads=heads(cfg.d_model), n_layers=cfg.n_layers)
+    target = tcfg.num_params(non_embedding=True)
+    if name == "transformer":
+        return Transformer(tcfg)
+    if name == "seq2seq":
+        def nonemb(h: int) -> int:
+            m = Seq2Seq(Seq2SeqConfig(vocab_size=RECALL_VOCAB, d_embed=cfg.d_model, d_hidden=h, d_attn=h))
+            return sum(p.numel() for n, p in m.named_parameters() if "embedding" not in n)
+
+        # non-embedding count grows monotonically in h: bisect for the closest
+        lo, hi = 4, 1024
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if nonemb(mid) <= target else (lo, mid)
+        h = min((lo, hi), key=lambda x: abs(nonemb(x) - target))
+        return Seq2Seq(Seq2SeqConfig(vocab_size=RECALL_VOCAB, d_embed=cfg.d_model, d_hidden=h, d_attn=h))
+    return RecurrentLM(RecurrentConfig(cell=name, vocab_size=RECALL_VOCAB, d_embed=cfg.d_model,
+                                       d_hidden=hidden_for_params(name, cfg.d_model, target)))
+
+
+def recall_logits(model, name: str, src: torch.Tensor) -> torch.Tensor:
+    """(n, V): the prediction of the answer. A language model reads the row and predicts the token after the
+    query's key; the seq2seq encodes the row and decodes one token after <bos>."""
+    if name == "seq2seq":
+        return model(src, torch.full((src.shape[0], 1), BOS))[:, 0]
+    return model(src)[:, -1]
+
+
+def recall_point(point: dict, threads: int) -> dict:
+    """Train one model on the recall task (a flat loop: AdamW, warmup + cosine, clipping; the loss is the
+    answer's cross-entropy only) and measure its accuracy at every distance on held-out rows."""
+    from glassmind.train.optim import adamw
+    from glassmind.train.schedule import lr_at
+
+    cfg = ArchConfig(**point["cfg"])
+    name = point["model"]
+    torch.manual_seed(cfg.seed)
+    model = recall_model(cfg, name)
+    dists = recall_distances(cfg)
+    opt = adamw(model, lr=cfg.lr, weight_decay=0.1)
+    g = torch.Generator().manual_seed(cfg.seed)  # the same batches for every model
+    steps = cfg.recall_steps
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, max_lr=cfg.lr, total_steps=steps, warmup_steps=max(1, round(0.05 * steps)),
+                                decay="cosine", min_lr_ratio=0.1)
+        src, ans = recall_batch(cfg.recall_batch, cfg.recall_pairs, dists[step % len(dists)], g)
+        F.cross_entropy(recall_logits(model, name, src), ans).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    acc = {}
+    with torch.no_grad():
+        for d in dists:
+            # held-out rows: a generator seeded apart from training's (a row repeating a training row by chance
+            # is as likely as in any fresh draw)
+            src, ans = recall_batch(cfg.recall_eval, cfg.recall_pairs, d, torch.Generator().manual_seed(10_000 + d))
+            acc[str(d)] = float((recall_logits(model, name, src).argmax(-1) == ans).float().mean())
+    return {"params_nonemb": sum(p.numel() for n, p in model.named_parameters() if "embedding" not in n),
+            "accuracy": acc, "train_seconds": time.perf_counter() - t0, "n_eval": cfg.recall_eval}
+
+
+def recall_verdict(rec: list[dict], chance: float) -> list[str]:
+    """Sentences computed from the accuracies: where each model stands at the shortest and longest distance."""
+    lines = []
+    if not rec:
+        return lines
+    ds = sorted(int(d) for d in rec[0]["accuracy"])
+    near, far = str(ds[0]), str(ds[-1])
+    for r in rec:
+        a0, a1 = r["accuracy"][near], r["accuracy"][far]
+        # 3 binomial standard errors of chance at this test size: below it, not told apart from guessing
+        floor = chance + 3 * math.sqrt(chance * (1 - chance) / r["n_eval"])
+        state = ("at chance (not above guessing)" if a1 <= floor else "above chance")
+        lines.append(f"- {r['model']}: recall accuracy {a0:.3f} at distance {near} -> {a1:.3f} at distance {far} "
+                     f"({a1 - a0:+.3f}; {state} at {far}: chance {chance:.3f}, +3 s.e. {floor:.3f}).")
+    best = max(rec, key=lambda r: r["accuracy"][far])
+    lines.append(f"- At the longest distance ({far}) the best model is {best['model']} ({best['accuracy'][far]:.3f}).")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------------
 # throughput: models alternate within each repetition, on the same machine state
 
 
@@ -278,13 +423,14 @@ def throughput(cfg: ArchConfig, models: list[str], vocab: int) -> list[dict]:
 # report
 
 
-def _plots(root: Path, results: list[dict], thr: list[dict]) -> str:
+def _plots(root: Path, results: list[dict], thr: list[dict], rec: list[dict] | None = None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.4), gridspec_kw={"width_ratios": [1, 1, 1.2, 1.2]})
+    n = 5 if rec else 4
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4.4), gridspec_kw={"width_ratios": [1, 1, 1.2, 1.2, 1][:n]})
     ax = axes[0]
     for m in dict.fromkeys(r["model"] for r in thr):
         rs = [r for r in thr if r["model"] == m]
@@ -303,6 +449,15 @@ def _plots(root: Path, results: list[dict], thr: list[dict]) -> str:
         ax.set_xlabel("distance k back from the predicted position")
         ax.set_title(f"log10 |dL/dx(T-k)| / |dL/dx(T)|, {title}")
         fig.colorbar(im, ax=ax)
+    if rec:
+        ax = axes[4]
+        for r in rec:
+            ds = sorted(int(d) for d in r["accuracy"])
+            ax.plot(ds, [r["accuracy"][str(d)] for d in ds], "o-", label=r["model"])
+        ax.axhline(1 / RECALL_VALUES, color="k", ls=":", lw=1, label="chance")
+        ax.set_xscale("symlog", linthresh=8); ax.set_ylim(0, 1.02)
+        ax.set_xlabel("filler tokens between the pairs and the query"); ax.set_ylabel("recall accuracy")
+        ax.set_title("key-value recall at growing distance"); ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(root / "architectures.png", dpi=110)
     plt.close(fig)
@@ -315,7 +470,7 @@ def _decay_at(r: dict, key: str, k: int) -> float:
 
 
 def write_card(root: Path, cfg: ArchConfig, command: str, prep: dict, results: list[dict], thr: list[dict],
-               seconds: float, plot: str) -> None:
+               seconds: float, plot: str, rec: list[dict] | None = None) -> None:
     T = cfg.context
     tr = next((r for r in results if r["model"] == "transformer"), None)
     lines = ["# architectures study", "", f"Command: `{command}`", "",
@@ -357,8 +512,25 @@ def write_card(root: Path, cfg: ArchConfig, command: str, prep: dict, results: l
     lines += ["- Throughput is measured on a machine shared with other jobs, one process, every model alternating "
               "within each repetition; the numbers are relative, not this CPU's best.",
               "- One seed, one size, one corpus (code): the per-position curves are the claim of Kaplan et al. at "
-              "a scale a laptop trains in minutes, not a reproduction of their figure. The long-range copy/recall "
-              "task the issue also asks for is not in this study yet.", "", f"![{plot}]({plot})", ""]
+              "a scale a laptop trains in minutes, not a reproduction of their figure."]
+    if rec:
+        ds = sorted(int(d) for d in rec[0]["accuracy"])
+        lines += ["", "## Long-range key-value recall", "",
+                  f"Each row: {cfg.recall_pairs} (key, value) pairs ({RECALL_KEYS} keys, {RECALL_VALUES} values), d filler "
+                  f"tokens, a query token and one of the keys; the model must answer that key's value (chance "
+                  f"1/{RECALL_VALUES}). Every model at the Transformer's non-embedding parameters, trained "
+                  f"{cfg.recall_steps} steps x {cfg.recall_batch} rows (one distance per step, cycling), lr {cfg.lr}, "
+                  f"the loss on the answer only, all through the same flat loop and the same batches (the task is "
+                  f"token-level, which the pretrain recipe does not read); accuracy on {cfg.recall_eval} held-out "
+                  f"rows per distance. The seq2seq (Bahdanau) encodes the row with a bidirectional GRU and decodes "
+                  f"the answer attending over it.", "",
+                  "| model | non-embedding params | " + " | ".join(f"d = {d}" for d in ds) + " |",
+                  "|---|---|" + "---|" * len(ds)]
+        for r in rec:
+            lines.append(f"| {r['model']} | {r['params_nonemb']:,} | "
+                         + " | ".join(f"{r['accuracy'][str(d)]:.3f}" for d in ds) + " |")
+        lines += ["", *recall_verdict(rec, 1 / RECALL_VALUES)]
+    lines += ["", f"![{plot}]({plot})", ""]
     atomic_write_text(root / "card.md", "\n".join(lines))
 
 
@@ -408,11 +580,24 @@ def study(cfg: ArchConfig, command: str) -> dict:
              **{f"loss_pos{i + 1}": v for i, v in enumerate(r["per_position"])},
              **{f"grad_trained_k{k}": v for k, v in enumerate(r["grad_trained"])},
              **{f"grad_init_k{k}": v for k, v in enumerate(r["grad_init"])}} for r in results]
+    rec = []
+    if cfg.recall:
+        rpoints = [{"name": f"recall-{m}", "model": m, "cfg": dataclasses.asdict(cfg)}
+                   for m in [*models, "seq2seq"]]
+        rec = run_points(root, rpoints, recall_point, workers=cfg.workers, label="recall")
+        by_model = {r["model"]: r for r in rec}
+        for row in rows:
+            row.update({f"recall_d{d}": v for d, v in by_model[row["model"]]["accuracy"].items()})
+        s2s = by_model["seq2seq"]
+        rows.append({"model": "seq2seq", "params_nonemb": s2s["params_nonemb"],
+                     **{f"recall_d{d}": v for d, v in s2s["accuracy"].items()}})
+        write_csv(root / "recall.csv", [{"model": r["model"], "params_nonemb": r["params_nonemb"], "distance": int(d),
+                                         "accuracy": a, "n": r["n_eval"]} for r in rec for d, a in r["accuracy"].items()])
     write_csv(root / "points.csv", rows)
     write_csv(root / "throughput.csv", thr)
-    plot = _plots(root, results, thr)
+    plot = _plots(root, results, thr, rec)
     seconds = time.perf_counter() - t0
-    write_card(root, cfg, command, prep, results, thr, seconds, plot)
+    write_card(root, cfg, command, prep, results, thr, seconds, plot, rec)
     print(f"done in {seconds:.0f}s: " + ", ".join(f"{r['model']} {r['val_loss']:.3f}" for r in results)
           + f"; {root / 'card.md'}", flush=True)
     return {"results": results, "throughput": thr, "seconds": seconds}

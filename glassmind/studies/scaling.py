@@ -289,8 +289,11 @@ def approach2(points: list[dict], *, flops_key: str = "C") -> dict:
         ND = float(np.exp(np.mean(np.log([p["N"] * p["D"] for p in g]))))
         n_opt = math.exp(xv)
         inside = x.min() <= xv <= x.max()
+        # where the vertex fell against the sampled sizes: outside them the parabola is extrapolated
+        edge = "inside" if inside else ("below the smallest size" if xv < x.min() else "above the largest size")
         optima.append({"C": C, "N_opt": n_opt, "D_opt": ND / n_opt, "loss_opt": float(c0 + c1 * xv + c2 * xv * xv),
-                       "inside": bool(inside), "parabola": [float(c2), float(c1), float(c0)]})
+                       "inside": bool(inside), "edge": edge, "N_min": float(math.exp(x.min())),
+                       "N_max": float(math.exp(x.max())), "parabola": [float(c2), float(c1), float(c0)]})
     out: dict = {"optima": optima, "skipped": skipped}
     if len(optima) >= 2:
         out["N_opt"] = fit_power_law([o["C"] for o in optima], [o["N_opt"] for o in optima])
@@ -454,6 +457,10 @@ def plan_grid(cfg: ScalingConfig, vocab: int, train_tokens: int | None = None) -
                             f"[{cfg.min_ratio}, {cfg.max_ratio}]: an IsoFLOP parabola needs 3; add sizes, "
                             f"widen --min-ratio/--max-ratio, or move the level")
         points += row
+    if len(points) < 5:
+        # found after training before: Approach 3 refused its 3 points once the runs had been paid for
+        problems.append(f"the grid has {len(points)} runs: Approach 3 fits 5 parameters and needs at least 5; "
+                        "add a --flops level or sizes")
     if problems:
         raise GlassmindError("the grid cannot run:\n  " + "\n  ".join(problems))
     return points
@@ -657,6 +664,29 @@ def _fit_lines(fits: dict) -> list[str]:
     return lines
 
 
+def isoflop_edges(a2: dict, results: list[dict], key: str = "N_nonemb") -> list[str]:
+    """Per IsoFLOP budget, computed from the runs: is the best run at an end of the sizes sampled at that budget,
+    and is the parabola's vertex inside them? Outside, N*(C) is an extrapolation of the parabola."""
+    lines = []
+    for o in a2["optima"]:
+        g = sorted((r for r in results if r["C_target"] == o["C"]), key=lambda r: r[key])
+        best = min(range(len(g)), key=lambda i: g[i]["val_loss"])
+        where = ("the smallest" if best == 0 else "the largest" if best == len(g) - 1 else "an interior")
+        txt = (f"- IsoFLOP {o['C']:.3g}: the lowest loss is at {where} size sampled ({g[best]['name']}, "
+               f"{g[best][key]:,} parameters, of {len(g)} sizes); the parabola's vertex N* = {o['N_opt']:.3g} is ")
+        if o["inside"]:
+            txt += f"inside the sampled range [{o['N_min']:,.0f}, {o['N_max']:,.0f}]."
+        else:
+            txt += (f"{o['edge']} sampled ([{o['N_min']:,.0f}, {o['N_max']:,.0f}]): N*(C) there is an extrapolation "
+                    f"of the parabola, not a measured minimum; "
+                    + ("add smaller sizes at this budget" if o["edge"].startswith("below") else
+                       "add larger sizes at this budget") + " to bracket it.")
+        lines.append(txt)
+    for sk in a2["skipped"]:
+        lines.append(f"- IsoFLOP {sk['C']:.3g}: no vertex ({sk['why']}).")
+    return lines
+
+
 def _trend_line(fits: dict, results: list[dict]) -> str:
     """What the runs say about the direction of the trends, in words that follow the numbers."""
     kn = fits["N_nonemb"]["kaplan_N"]["alpha"]
@@ -697,6 +727,12 @@ def write_card(root: Path, cfg: ScalingConfig, command: str, prep: dict, results
         f"{pred['measured'] - pred['naive_best']:+.4f} for the naive guess; the grid's losses spread over "
         f"{spread:.3f} (standard deviation).", "",
         "## Fits", ""] + _fit_lines(fits) + [
+        "## Where the IsoFLOP minima fall (non-embedding N)", "",
+        *isoflop_edges(fits["N_nonemb"]["approach2"], results),
+        f"- {sum(o['inside'] for o in fits['N_nonemb']['approach2']['optima'])} of "
+        f"{len(fits['N_nonemb']['approach2']['optima'])} vertices inside the sampled sizes"
+        + ("; the Approach 2 exponents rest on extrapolated vertices." if not all(
+            o["inside"] for o in fits["N_nonemb"]["approach2"]["optima"]) else "."), "",
         "## What this does and does not show", "",
         _trend_line(fits, results),
         f"- Approach 3 with non-embedding N gives alpha = {f3.alpha:.3f}, beta = {f3.beta:.3f}, so the "

@@ -175,6 +175,9 @@ def checkpoints_of(run: Path) -> list[tuple[int, Path]]:
                   if (p / "model.safetensors").exists())
 
 
+NEAR_CHANCE = 0.05  # copy accuracy at most this far above chance counts as "near chance"
+
+
 def detected(scores: list[list[float]], frac: float = 0.5, floor: float = 0.2) -> list[tuple[int, int]]:
     """Heads scoring at least `frac` of the best score and at least `floor` (uniform attention over the
     ~32 keys scores ~0.03-0.1), best first: a model may grow several. None qualifying (an untrained model):
@@ -208,19 +211,34 @@ def analyse(run: str | Path, *, seed: int = 0) -> dict[str, Any]:
     induction_heads = detected(scores["induction"])
     prev_heads = detected(scores["previous_token"])
     heads = [(l, h) for l in range(model.config.n_layers) for h in range(model.config.n_heads)]
-    others = [x for x in heads if x not in induction_heads and x not in prev_heads]
+    # the control: heads of the same layer(s) as the detected induction heads that are in neither detected
+    # set (a previous-token head is part of the circuit: ablating it must hurt, so it is no control)
+    layers = {l for l, _ in induction_heads}
+    others = [x for x in heads if x[0] in layers and x not in induction_heads and x not in prev_heads]
     if not others:
-        raise GlassmindError("every head is an induction or previous-token head: train with more heads "
-                             "(--n-heads) so a head outside the circuit exists")
-    rl, rh = random.Random(seed).choice(others)
+        raise GlassmindError("every head of the induction heads' layer is an induction or previous-token head, "
+                             "so no control head exists: train with more heads (--n-heads)")
+    rng = random.Random(seed)
+    rl, rh = rng.choice(others)
+    # a random set as large as the detected one: the same layer's other heads first, then (when the layer
+    # has too few) heads of other layers outside the circuit
+    outside = [x for x in heads if x not in induction_heads and x not in prev_heads and x not in others]
+    k = min(len(induction_heads), len(others) + len(outside))
+    control_set = sorted(rng.sample(others, min(k, len(others))) + rng.sample(outside, k - min(k, len(others))))
     base = copy_metrics(model, eval_ids)
     # Zero ablation. Mean ablation over a sequence's positions would keep, in every head's output, the
     # average of what it copied: in a periodic sequence that is a bag of the context's own tokens, which
-    # alone lifts copy accuracy far above chance (0.37 with the three induction heads mean-ablated in our run)
+    # alone lifts copy accuracy far above chance (0.37 with the three induction heads mean-ablated in a
+    # 4-head run)
     per_head = {f"L{l}.H{h}": copy_metrics(model, eval_ids, ablation_edit(model, f"L{l}.H{h}", "zero"))
                 for l, h in heads}
     together = copy_metrics(model, eval_ids, combined_ablation(model, induction_heads))
+    control = copy_metrics(model, eval_ids, combined_ablation(model, control_set))
     chance = 1.0 / (vocab - 1)
+    # one head or a set: the mechanism is "one head" when ablating the detector's top head alone takes
+    # copy accuracy within NEAR_CHANCE of chance; otherwise the detected set is the unit that is ablated
+    alone = per_head[f"L{il}.H{ih}"]["copy_accuracy"]
+    mechanism = "one head" if alone <= chance + NEAR_CHANCE else f"a set of {len(induction_heads)} heads"
     # across checkpoints: the induction heads' score and the copy loss
     rows = []
     for step, path in checkpoints_of(run):
@@ -231,6 +249,7 @@ def analyse(run: str | Path, *, seed: int = 0) -> dict[str, Any]:
                      **copy_metrics(m, eval_ids)})
     formation = _crossing([r["induction_score"] for r in rows], rising=True)
     loss_drop = _crossing([r["copy_loss"] for r in rows], rising=False)
+    window = _window([r["copy_loss"] for r in rows])
     return {
         "induction_head": {"layer": il, "head": ih, "score": iscore},
         "induction_heads": [f"L{l}.H{h}" for l, h in induction_heads],
@@ -239,11 +258,15 @@ def analyse(run: str | Path, *, seed: int = 0) -> dict[str, Any]:
         "scores": scores, "chance": chance, "copy_accuracy": base["copy_accuracy"],
         "copy_accuracy_without_induction_head": per_head[f"L{il}.H{ih}"]["copy_accuracy"],
         "copy_accuracy_without_induction_heads": together["copy_accuracy"],
+        "mechanism": mechanism,
         "random_other_head": {"layer": rl, "head": rh, "chosen_from": [f"L{l}.H{h}" for l, h in others],
                               "copy_accuracy_without_it": per_head[f"L{rl}.H{rh}"]["copy_accuracy"]},
+        "random_other_set": {"heads": [f"L{l}.H{h}" for l, h in control_set],
+                             "copy_accuracy_without_them": control["copy_accuracy"]},
         "ablation_per_head": per_head, "checkpoints": rows,
         "formation_step": rows[formation]["step"] if formation is not None else None,
         "loss_drop_step": rows[loss_drop]["step"] if loss_drop is not None else None,
+        "loss_drop_window": [rows[window[0]]["step"], rows[window[1]]["step"]] if window is not None else None,
         "checkpoint_steps": [r["step"] for r in rows],
     }
 
@@ -258,6 +281,22 @@ def _crossing(values: list[float], *, rising: bool) -> int | None:
         if (v >= mid) if rising else (v <= mid):
             return i
     return None
+
+
+def _window(loss: list[float]) -> tuple[int, int] | None:
+    """(i-1, i): the two consecutive checkpoints between which the copy loss falls most. The checkpoints are
+    log-spaced, so this is the steepest drop per log(step): the phase change, not the slow early slide
+    (learning which tokens occur in the row at all) that precedes it."""
+    if len(loss) < 2:
+        return None
+    i = max(range(1, len(loss)), key=lambda j: loss[j - 1] - loss[j])
+    return (i - 1, i) if loss[i] < loss[i - 1] else None
+
+
+def in_window(result: dict[str, Any]) -> bool:
+    """Whether the induction score's formation step lies inside the copy loss's drop window."""
+    w, f = result["loss_drop_window"], result["formation_step"]
+    return w is not None and f is not None and w[0] <= f <= w[1]
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
@@ -296,10 +335,13 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
         f"{ph['score']:.2f}), all detected: {', '.join(r['previous_token_heads'])}",
         f"copy accuracy {r['copy_accuracy']:.3f} (chance {r['chance']:.3f}); zero-ablating "
         f"L{ih['layer']}.H{ih['head']} alone -> {r['copy_accuracy_without_induction_head']:.3f}; all detected "
-        f"induction heads together -> {r['copy_accuracy_without_induction_heads']:.3f}; a random other head "
-        f"L{rh['layer']}.H{rh['head']} (from {', '.join(rh['chosen_from'])}) -> {rh['copy_accuracy_without_it']:.3f}",
+        f"induction heads together -> {r['copy_accuracy_without_induction_heads']:.3f}; a random other head of "
+        f"the same layer L{rh['layer']}.H{rh['head']} (from {', '.join(rh['chosen_from'])}) -> "
+        f"{rh['copy_accuracy_without_it']:.3f}; a random set of as many ({', '.join(r['random_other_set']['heads'])})"
+        f" -> {r['random_other_set']['copy_accuracy_without_them']:.3f}; the mechanism: {r['mechanism']}",
         f"the induction score forms at step {r['formation_step']}, the copy loss drops at step "
-        f"{r['loss_drop_step']} (checkpoints {r['checkpoint_steps']})",
+        f"{r['loss_drop_step']} (its steepest drop is between checkpoints {r['loss_drop_window']}; "
+        f"formation {'inside' if in_window(r) else 'outside'} it; checkpoints {r['checkpoint_steps']})",
     ]
 
 

@@ -15,11 +15,15 @@ abruptly (their "phase change") and a linear schedule would step over it. The an
 autopsy's tools from outside the model:
 
     1. detectors (glassmind.autopsy.causal.head_scores) find the induction and previous-token heads;
-    2. zero-ablating the induction heads the detector finds (a model grows several, redundantly) drops copy
-       accuracy to near chance, ablating a random head outside the detected circuit (neither an induction
-       nor a previous-token head) does not; every head's ablation alone is listed;
-    3. across checkpoints, the step where the induction score forms and the step where the copy loss drops
-       coincide.
+    2. zero-ablating the induction heads the detector finds drops copy accuracy to near chance, while
+       ablating a random head of the same layer outside the circuit (neither an induction nor a
+       previous-token head), or a random set of as many heads outside it, does not; every head's ablation
+       alone is listed. The result names the mechanism: "one head" when ablating the detector's top head
+       alone already reaches near chance, else "a set of k heads". With 4 heads per layer the model grows
+       several induction heads, redundantly (each alone carries most of the copying), so the set is what is
+       ablated; with 1 head per layer it grows one, but then no control head exists in its layer;
+    3. across checkpoints, the induction score forms (first checkpoint past the midpoint of its rise) inside
+       the window where the copy loss drops most steeply (between two consecutive log-spaced checkpoints).
 
 Writes RUN/config.json, model.safetensors, tokenizer.json (words w1..w{V-1}, so `glassmind autopsy` can read
 prompts), checkpoints/step_XXXXXX/, metrics.jsonl, induction.json (every number) and induction.png.
@@ -63,13 +67,17 @@ class InductionConfig:
     d_model: int = field(default=128, metadata={"help": "model width (64 leaves too little room beside the token "
                                                          "for the previous-token information; it stalls)"})
     n_heads: int = field(default=4, metadata={"help": "heads per layer (several L1 heads become induction heads, "
-                                                        "redundantly: the analysis ablates them together too)"})
+                                                        "redundantly: the analysis ablates the detected set; a "
+                                                        "head of that layer outside it is the control)"})
     n_layers: int = field(default=2, metadata={"help": "layers (2 is the smallest that can form induction)"})
     positional: str = field(default="rope", metadata={"help": "rope makes 'the previous position' one learned "
                                                               "rotation for every position; learned | rope"})
     steps: int = field(default=0, metadata={"help": "training steps (0: the budget's)"})
     batch: int = field(default=0, metadata={"help": "sequences per step (0: the budget's)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW, cosine to 10%)"})
+    schedule_steps: int = field(default=0, metadata={"help": "length of the lr schedule (0: --steps); with the "
+                                                             "default's length, a shorter run is the first steps "
+                                                             "of the default run exactly (the CI test's run)"})
     checkpoints: int = field(default=16, metadata={"help": "log-spaced checkpoints kept"})
     seed: int = field(default=0, metadata={"help": "seed of the data and the initialisation"})
     threads: int = field(default=1, metadata={"help": "torch threads (a model this small gains nothing from more)"})
@@ -127,6 +135,9 @@ def train(cfg: InductionConfig) -> Path:
         raise GlassmindError("an induction head needs two layers (a previous-token head feeds it): --n-layers 2")
     steps = cfg.steps or BUDGETS[cfg.budget]["steps"]
     batch = cfg.batch or BUDGETS[cfg.budget]["batch"]
+    sched = cfg.schedule_steps or steps
+    if sched < steps:
+        raise GlassmindError(f"--schedule-steps {sched} is shorter than --steps {steps}: make it >= steps or 0")
     out = Path(cfg.out)
     if (out / "model.safetensors").exists():
         raise GlassmindError(f"{out} already holds a run: pass another --out or delete it")
@@ -146,7 +157,7 @@ def train(cfg: InductionConfig) -> Path:
     t0 = time.time()
     for step in range(1, steps + 1):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step - 1, max_lr=cfg.lr, total_steps=steps, warmup_steps=min(50, steps // 10))
+            group["lr"] = lr_at(step - 1, max_lr=cfg.lr, total_steps=sched, warmup_steps=min(50, sched // 10))
         ids, _ = batch_of(batch, cfg.half, cfg.vocab, g)
         logits = model(ids)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
@@ -214,15 +225,18 @@ def analyse(run: str | Path, *, seed: int = 0) -> dict[str, Any]:
     # the control: heads of the same layer(s) as the detected induction heads that are in neither detected
     # set (a previous-token head is part of the circuit: ablating it must hurt, so it is no control)
     layers = {l for l, _ in induction_heads}
-    others = [x for x in heads if x[0] in layers and x not in induction_heads and x not in prev_heads]
-    if not others:
-        raise GlassmindError("every head of the induction heads' layer is an induction or previous-token head, "
-                             "so no control head exists: train with more heads (--n-heads)")
+    circuit = set(induction_heads) | set(prev_heads)
+    others = [x for x in heads if x[0] in layers and x not in circuit]
+    outside = [x for x in heads if x not in circuit and x not in others]
+    if not others and not outside:
+        raise GlassmindError("every head is an induction or previous-token head, so no control head exists: "
+                             "train with more heads (--n-heads)")
     rng = random.Random(seed)
-    rl, rh = rng.choice(others)
+    # the control head: one of the same layer outside the circuit; a head of another layer only when the
+    # layer has none (then random_other_head.same_layer is false and the study's claim is not met)
+    rl, rh = rng.choice(others or outside)
     # a random set as large as the detected one: the same layer's other heads first, then (when the layer
     # has too few) heads of other layers outside the circuit
-    outside = [x for x in heads if x not in induction_heads and x not in prev_heads and x not in others]
     k = min(len(induction_heads), len(others) + len(outside))
     control_set = sorted(rng.sample(others, min(k, len(others))) + rng.sample(outside, k - min(k, len(others))))
     base = copy_metrics(model, eval_ids)
@@ -259,7 +273,8 @@ def analyse(run: str | Path, *, seed: int = 0) -> dict[str, Any]:
         "copy_accuracy_without_induction_head": per_head[f"L{il}.H{ih}"]["copy_accuracy"],
         "copy_accuracy_without_induction_heads": together["copy_accuracy"],
         "mechanism": mechanism,
-        "random_other_head": {"layer": rl, "head": rh, "chosen_from": [f"L{l}.H{h}" for l, h in others],
+        "random_other_head": {"layer": rl, "head": rh, "same_layer": bool(others),
+                              "chosen_from": [f"L{l}.H{h}" for l, h in others or outside],
                               "copy_accuracy_without_it": per_head[f"L{rl}.H{rh}"]["copy_accuracy"]},
         "random_other_set": {"heads": [f"L{l}.H{h}" for l, h in control_set],
                              "copy_accuracy_without_them": control["copy_accuracy"]},
@@ -336,7 +351,7 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
         f"copy accuracy {r['copy_accuracy']:.3f} (chance {r['chance']:.3f}); zero-ablating "
         f"L{ih['layer']}.H{ih['head']} alone -> {r['copy_accuracy_without_induction_head']:.3f}; all detected "
         f"induction heads together -> {r['copy_accuracy_without_induction_heads']:.3f}; a random other head of "
-        f"the same layer L{rh['layer']}.H{rh['head']} (from {', '.join(rh['chosen_from'])}) -> "
+        f"{'the same' if rh['same_layer'] else 'another'} layer L{rh['layer']}.H{rh['head']} (from {', '.join(rh['chosen_from'])}) -> "
         f"{rh['copy_accuracy_without_it']:.3f}; a random set of as many ({', '.join(r['random_other_set']['heads'])})"
         f" -> {r['random_other_set']['copy_accuracy_without_them']:.3f}; the mechanism: {r['mechanism']}",
         f"the induction score forms at step {r['formation_step']}, the copy loss drops at step "
@@ -398,7 +413,8 @@ def demo_stage(run_dir: str | Path | None, out_dir: str | Path, budget: str = "s
                             **{k: result[k] for k in ("induction_head", "copy_accuracy",
                                                       "copy_accuracy_without_induction_head", "random_other_head",
                                                       "copy_accuracy_without_induction_heads", "induction_heads",
-                                                      "formation_step", "loss_drop_step", "chance")}}
+                                                      "random_other_set", "mechanism", "formation_step",
+                                                      "loss_drop_step", "loss_drop_window", "chance")}}
     return summary
 
 

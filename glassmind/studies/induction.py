@@ -79,6 +79,8 @@ class InductionConfig:
                                                              "default's length, a shorter run is the first steps "
                                                              "of the default run exactly (the CI test's run)"})
     checkpoints: int = field(default=16, metadata={"help": "log-spaced checkpoints kept"})
+    eval_every: int = field(default=25, metadata={"help": "copy metrics into metrics.jsonl every this many steps "
+                                                          "(0: only at the checkpoints)"})
     seed: int = field(default=0, metadata={"help": "seed of the data and the initialisation"})
     threads: int = field(default=1, metadata={"help": "torch threads (a model this small gains nothing from more)"})
     progress: bool = field(default=True, metadata={"help": "print progress lines"})
@@ -164,7 +166,7 @@ def train(cfg: InductionConfig) -> Path:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step in keep or step % 25 == 0:
+        if step in keep or (cfg.eval_every and step % cfg.eval_every == 0):
             model.eval()
             m = copy_metrics(model, eval_ids)
             model.train()
@@ -186,12 +188,14 @@ def checkpoints_of(run: Path) -> list[tuple[int, Path]]:
                   if (p / "model.safetensors").exists())
 
 
-NEAR_CHANCE = 0.05  # copy accuracy at most this far above chance counts as "near chance"
+NEAR_CHANCE = 0.06  # copy accuracy at most this far above chance (0.016) counts as "near chance"
 
 
-def detected(scores: list[list[float]], frac: float = 0.5, floor: float = 0.2) -> list[tuple[int, int]]:
+def detected(scores: list[list[float]], frac: float = 0.6, floor: float = 0.2) -> list[tuple[int, int]]:
     """Heads scoring at least `frac` of the best score and at least `floor` (uniform attention over the
-    ~32 keys scores ~0.03-0.1), best first: a model may grow several. None qualifying (an untrained model):
+    ~32 keys scores ~0.03-0.1), best first: a model may grow several. frac 0.6, not 0.5: the default run's
+    L1.H0 scores 0.37 against the best head's 0.67 (step 750) and 0.77 (step 1500), a partial head whose
+    ablation alone costs under 0.01 of copy accuracy; 0.5 counted it in at step 750. None qualifying (an untrained model):
     the best head alone, so the analysis still runs (and shows no effect)."""
     ranked = sorted(((v, l, h) for l, row in enumerate(scores) for h, v in enumerate(row)), reverse=True)
     best = ranked[0][0]

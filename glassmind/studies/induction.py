@@ -337,9 +337,11 @@ def plot(result: dict[str, Any], path: Path) -> Path:
              label=f"induction score of L{ih['layer']}.H{ih['head']}")
     ax2.set_ylabel("induction score", color="tab:blue")
     if result["formation_step"]:
-        ax.axvline(result["formation_step"], color="gray", ls="--", lw=1)
-    ax.set_title("The induction head forms as the copy loss drops")
-    fig.legend(loc="center right", fontsize=8)
+        ax.axvline(result["formation_step"], color="gray", ls="--", lw=1, label="induction score formed")
+    if result.get("loss_drop_window"):
+        ax.axvspan(*result["loss_drop_window"], color="tab:red", alpha=0.12, label="steepest copy-loss drop")
+    ax.set_title("The induction heads form as the copy loss drops")
+    fig.legend(loc="lower left", bbox_to_anchor=(0.12, 0.22), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -43,6 +43,11 @@ def test_tiny_run_trains_keeps_checkpoints_and_analyses(tmp_path, capsys):
     assert r["checkpoint_steps"] == induction.log_steps(30, 5)
     assert len(r["ablation_per_head"]) == 8 and abs(r["chance"] - 1 / 63) < 1e-9
     assert (out / "induction.png").stat().st_size > 0 and (out / "tokenizer.json").exists()
+    card = (out / "card.md").read_text()
+    assert "glassmind study induction --out" in card and "copy accuracy" in card
+    assert r["mechanism"].startswith("none")  # 30 steps: no copying, so no mechanism is claimed
+    assert len((out / "checkpoints.csv").read_text().splitlines()) == 1 + len(r["checkpoint_steps"])
+    assert len((out / "ablation.csv").read_text().splitlines()) == 1 + 8
     with pytest.raises(GlassmindError, match="already holds a run"):
         induction.train(induction.InductionConfig(out=str(out)))
     # the autopsy verb reads the study's run and follows it across its checkpoints
@@ -111,6 +116,7 @@ def test_ground_truth_ablating_the_detected_induction_heads_drops_copying_to_cha
     r = ci_run
     assert r["copy_accuracy"] >= 0.8  # the model copies
     assert r["copy_accuracy_without_induction_heads"] <= r["chance"] + induction.NEAR_CHANCE
+    assert r["mechanism"] in ("one head", f"a set of {len(r['induction_heads'])} heads")  # the report says which
     other = r["random_other_head"]
     assert other["same_layer"] and other["layer"] == r["induction_head"]["layer"]  # same layer, outside the circuit
     assert other["copy_accuracy_without_it"] >= 0.8 * r["copy_accuracy"]

@@ -44,8 +44,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from glassmind.common import (GlassmindError, add_config_args, append_jsonl, atomic_write_json, config_from_args,
-                              run_main)
+from glassmind.common import (GlassmindError, add_config_args, append_jsonl, atomic_write_json, atomic_write_text,
+                              config_from_args, run_main)
 from glassmind.model import ModelConfig, Transformer
 from glassmind.model import load_model, save_model
 from glassmind.train.optim import adamw
@@ -256,7 +256,10 @@ def analyse(run: str | Path, *, seed: int = 0) -> dict[str, Any]:
     # one head or a set: the mechanism is "one head" when ablating the detector's top head alone takes
     # copy accuracy within NEAR_CHANCE of chance; otherwise the detected set is the unit that is ablated
     alone = per_head[f"L{il}.H{ih}"]["copy_accuracy"]
-    mechanism = "one head" if alone <= chance + NEAR_CHANCE else f"a set of {len(induction_heads)} heads"
+    if base["copy_accuracy"] <= chance + NEAR_CHANCE:  # nothing to find (an untrained or tiny-budget model)
+        mechanism = "none (the model does not copy: its accuracy is already near chance)"
+    else:
+        mechanism = "one head" if alone <= chance + NEAR_CHANCE else f"a set of {len(induction_heads)} heads"
     # across checkpoints: the induction heads' score and the copy loss
     rows = []
     for step, path in checkpoints_of(run):
@@ -366,6 +369,21 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def write_outputs(out: Path, result: dict[str, Any], command: str) -> None:
+    """The studies' conventions: every number (induction.json), a CSV of every point (checkpoints.csv: one row
+    per checkpoint; ablation.csv: copy accuracy and loss with each head zero-ablated alone), the plot, and
+    card.md with the read-out and the command that made it."""
+    from glassmind.studies.sweep import write_csv
+
+    atomic_write_json(out / "induction.json", result)
+    plot(result, out / "induction.png")
+    write_csv(out / "checkpoints.csv", result["checkpoints"])
+    write_csv(out / "ablation.csv", [{"ablated": k, **v} for k, v in result["ablation_per_head"].items()])
+    card = ["# induction: ground truth for the autopsy", "", "Made by:", "", "    " + command, "",
+            "![induction.png](induction.png)", "", "```", *summary_lines(result), "```", ""]
+    atomic_write_text(out / "card.md", "\n".join(card))
+
+
 DEMO_PROMPTS = [  # (prompt, the continuation's first token as text): code the demo decoder has read
     ("def __init__(self", ","), ("import os\nimport", " sys"), ("    def __init__(self", ")"),
     ("if __name__ == '__main__", "':"), ("        return self", "."), ("for i in range(", "len"),
@@ -413,8 +431,8 @@ def demo_stage(run_dir: str | Path | None, out_dir: str | Path, budget: str = "s
         kw = {k: v for k, v in BUDGETS[budget].items() if k in ("d_model", "half", "checkpoints")}
         train(InductionConfig(out=str(out), budget=budget, progress=budget != "tiny", **kw))
     result = analyse(out)
-    atomic_write_json(out / "induction.json", result)
-    plot(result, out / "induction.png")
+    write_outputs(out, result, "glassmind demo (stage 5: glassmind.studies.induction.demo_stage, budget "
+                  f"{budget})")
     summary["induction"] = {"run": str(out), "summary": summary_lines(result),
                             **{k: result[k] for k in ("induction_head", "copy_accuracy",
                                                       "copy_accuracy_without_induction_head", "random_other_head",
@@ -437,11 +455,12 @@ def _main(argv: list[str] | None) -> int:
     elif not (out / "study.json").exists():
         raise GlassmindError(f"{out} holds no induction run: drop --analyse-only to train one")
     result = analyse(out, seed=cfg.seed)
-    atomic_write_json(out / "induction.json", result)
-    plot(result, out / "induction.png")
+    from glassmind.studies.sweep import command_line
+
+    write_outputs(out, result, command_line("induction", sys.argv[1:] if argv is None else argv))
     for line in summary_lines(result):
         print(line)
-    print(f"wrote {out / 'induction.json'} and {out / 'induction.png'}")
+    print(f"wrote {out / 'induction.json'}, induction.png, checkpoints.csv, ablation.csv and card.md")
     return 0
 
 

@@ -20,8 +20,9 @@ autopsy's tools from outside the model:
        previous-token head), or a random set of as many heads outside it, does not; every head's ablation
        alone is listed. The result names the mechanism: "one head" when ablating the detector's top head
        alone already reaches near chance, else "a set of k heads". With 4 heads per layer the model grows
-       several induction heads, redundantly (each alone carries most of the copying), so the set is what is
-       ablated; with 1 head per layer it grows one, but then no control head exists in its layer;
+       several induction heads, redundantly (ablating any one alone leaves most of the copying), so the set is
+       what is ablated (a 1-head-per-layer model, in one exploratory run, grew a single one whose ablation
+       reached chance, but such a model has no head left in that layer to serve as the control);
     3. across checkpoints, the induction score forms (first checkpoint past the midpoint of its rise) inside
        the window where the copy loss drops most steeply (between two consecutive log-spaced checkpoints).
 

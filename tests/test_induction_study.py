@@ -29,6 +29,18 @@ def test_sequences_repeat_with_a_random_period_and_mark_what_induction_can_predi
     assert len(periods) >= 4  # no fixed offset a head could learn by position alone
 
 
+def test_help_prints_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        induction.main(["--help"])
+    assert e.value.code == 0 and "--schedule-steps" in capsys.readouterr().out
+
+
+def test_a_schedule_shorter_than_the_run_is_refused_before_any_work(tmp_path):
+    with pytest.raises(GlassmindError, match="--schedule-steps"):
+        induction.train(induction.InductionConfig(out=str(tmp_path / "r"), steps=100, schedule_steps=50))
+    assert not (tmp_path / "r").exists()
+
+
 def test_checkpoints_are_log_spaced():
     assert induction.log_steps(1000, 7) == [1, 3, 10, 32, 100, 316, 1000]
 

@@ -75,7 +75,7 @@ class InductionConfig:
                                                               "rotation for every position; learned | rope"})
     steps: int = field(default=0, metadata={"help": "training steps (0: the budget's)"})
     batch: int = field(default=0, metadata={"help": "sequences per step (0: the budget's)"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW, cosine to 10%)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW, cosine decay to a tenth of it)"})
     schedule_steps: int = field(default=0, metadata={"help": "length of the lr schedule (0: --steps); with the "
                                                              "default's length, a shorter run is the first steps "
                                                              "of the default run exactly (the CI test's run)"})

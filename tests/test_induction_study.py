@@ -1,6 +1,6 @@
 """The induction study: its pipeline at the tiny budget (seconds: sequences whose repeats can only be found
 by content, log-spaced checkpoints, the analysis from outside the model, the demo stage that also writes an
-autopsy report of a decoder), and its ground-truth claims on the first 750 steps of the default run (an
+autopsy report of a decoder), and its ground-truth claims on the first 900 steps of the default run (an
 induction circuit found by the detector, its ablation dropping copy accuracy to near chance while other heads'
 does not, its formation inside the copy loss's steepest drop). The full default run's numbers are in the
 README ("The autopsy") with the command."""
@@ -89,9 +89,10 @@ def test_demo_stage_at_the_tiny_budget(tmp_path):
 
 # ------------------------------------------------------------------ ground truth at a CI budget
 # The study's claims, checked on a run short enough for CI (seeded; the default budget's run is in the README):
-# the first 750 of the default run's 1500 steps exactly (same data, init and lr schedule), 12 checkpoints,
-# copy metrics only at the checkpoints. The induction heads form between steps 411 and 750 here.
-CI_RUN = dict(steps=750, schedule_steps=1500, checkpoints=12, eval_every=0)
+# the first 900 of the default run's 1500 steps exactly (same data, init and lr schedule), 12 checkpoints,
+# copy metrics only at the checkpoints. The induction heads form between checkpoints 485 and 900 here; at 750
+# steps the detected set's ablation left 0.069, too close to the 0.076 limit to survive another torch build.
+CI_RUN = dict(steps=900, schedule_steps=1500, checkpoints=12, eval_every=0)
 # An untrained model of this shape scores ~0.04 on every head (uniform attention over ~16-32 keys): the
 # test checks that, so this threshold is one a model without an induction head fails.
 INDUCTION_THRESHOLD = 0.3

@@ -15,11 +15,16 @@ abruptly (their "phase change") and a linear schedule would step over it. The an
 autopsy's tools from outside the model:
 
     1. detectors (glassmind.autopsy.causal.head_scores) find the induction and previous-token heads;
-    2. zero-ablating the induction heads the detector finds (a model grows several, redundantly) drops copy
-       accuracy to near chance, ablating a random head outside the detected circuit (neither an induction
-       nor a previous-token head) does not; every head's ablation alone is listed;
-    3. across checkpoints, the step where the induction score forms and the step where the copy loss drops
-       coincide.
+    2. zero-ablating the induction heads the detector finds drops copy accuracy to near chance, while
+       ablating a random head of the same layer outside the circuit (neither an induction nor a
+       previous-token head), or a random set of as many heads outside it, does not; every head's ablation
+       alone is listed. The result names the mechanism: "one head" when ablating the detector's top head
+       alone already reaches near chance, else "a set of k heads". With 4 heads per layer the model grows
+       several induction heads, redundantly (ablating any one alone leaves most of the copying), so the set is
+       what is ablated (a 1-head-per-layer model, in one exploratory run, grew a single one whose ablation
+       reached chance, but such a model has no head left in that layer to serve as the control);
+    3. across checkpoints, the induction score forms (first checkpoint past the midpoint of its rise) inside
+       the window where the copy loss drops most steeply (between two consecutive log-spaced checkpoints).
 
 Writes RUN/config.json, model.safetensors, tokenizer.json (words w1..w{V-1}, so `glassmind autopsy` can read
 prompts), checkpoints/step_XXXXXX/, metrics.jsonl, induction.json (every number) and induction.png.
@@ -40,8 +45,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from glassmind.common import (GlassmindError, add_config_args, append_jsonl, atomic_write_json, config_from_args,
-                              run_main)
+from glassmind.common import (GlassmindError, add_config_args, append_jsonl, atomic_write_json, atomic_write_text,
+                              config_from_args, run_main)
 from glassmind.model import ModelConfig, Transformer
 from glassmind.model import load_model, save_model
 from glassmind.train.optim import adamw
@@ -63,14 +68,20 @@ class InductionConfig:
     d_model: int = field(default=128, metadata={"help": "model width (64 leaves too little room beside the token "
                                                          "for the previous-token information; it stalls)"})
     n_heads: int = field(default=4, metadata={"help": "heads per layer (several L1 heads become induction heads, "
-                                                        "redundantly: the analysis ablates them together too)"})
+                                                        "redundantly: the analysis ablates the detected set; a "
+                                                        "head of that layer outside it is the control)"})
     n_layers: int = field(default=2, metadata={"help": "layers (2 is the smallest that can form induction)"})
     positional: str = field(default="rope", metadata={"help": "rope makes 'the previous position' one learned "
                                                               "rotation for every position; learned | rope"})
     steps: int = field(default=0, metadata={"help": "training steps (0: the budget's)"})
     batch: int = field(default=0, metadata={"help": "sequences per step (0: the budget's)"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW, cosine to 10%)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW, cosine decay to a tenth of it)"})
+    schedule_steps: int = field(default=0, metadata={"help": "length of the lr schedule (0: --steps); with the "
+                                                             "default's length, a shorter run is the first steps "
+                                                             "of the default run exactly (the CI test's run)"})
     checkpoints: int = field(default=16, metadata={"help": "log-spaced checkpoints kept"})
+    eval_every: int = field(default=25, metadata={"help": "copy metrics into metrics.jsonl every this many steps "
+                                                          "(0: only at the checkpoints)"})
     seed: int = field(default=0, metadata={"help": "seed of the data and the initialisation"})
     threads: int = field(default=1, metadata={"help": "torch threads (a model this small gains nothing from more)"})
     progress: bool = field(default=True, metadata={"help": "print progress lines"})
@@ -127,6 +138,9 @@ def train(cfg: InductionConfig) -> Path:
         raise GlassmindError("an induction head needs two layers (a previous-token head feeds it): --n-layers 2")
     steps = cfg.steps or BUDGETS[cfg.budget]["steps"]
     batch = cfg.batch or BUDGETS[cfg.budget]["batch"]
+    sched = cfg.schedule_steps or steps
+    if sched < steps:
+        raise GlassmindError(f"--schedule-steps {sched} is shorter than --steps {steps}: make it >= steps or 0")
     out = Path(cfg.out)
     if (out / "model.safetensors").exists():
         raise GlassmindError(f"{out} already holds a run: pass another --out or delete it")
@@ -146,14 +160,14 @@ def train(cfg: InductionConfig) -> Path:
     t0 = time.time()
     for step in range(1, steps + 1):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step - 1, max_lr=cfg.lr, total_steps=steps, warmup_steps=min(50, steps // 10))
+            group["lr"] = lr_at(step - 1, max_lr=cfg.lr, total_steps=sched, warmup_steps=min(50, sched // 10))
         ids, _ = batch_of(batch, cfg.half, cfg.vocab, g)
         logits = model(ids)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step in keep or step % 25 == 0:
+        if step in keep or (cfg.eval_every and step % cfg.eval_every == 0):
             model.eval()
             m = copy_metrics(model, eval_ids)
             model.train()
@@ -175,9 +189,14 @@ def checkpoints_of(run: Path) -> list[tuple[int, Path]]:
                   if (p / "model.safetensors").exists())
 
 
-def detected(scores: list[list[float]], frac: float = 0.5, floor: float = 0.2) -> list[tuple[int, int]]:
+NEAR_CHANCE = 0.06  # copy accuracy at most this far above chance (0.016) counts as "near chance"
+
+
+def detected(scores: list[list[float]], frac: float = 0.6, floor: float = 0.2) -> list[tuple[int, int]]:
     """Heads scoring at least `frac` of the best score and at least `floor` (uniform attention over the
-    ~32 keys scores ~0.03-0.1), best first: a model may grow several. None qualifying (an untrained model):
+    ~32 keys scores ~0.03-0.1), best first: a model may grow several. frac 0.6, not 0.5: the default run's
+    L1.H0 scores 0.37 against the best head's 0.67 (step 750) and 0.77 (step 1500), a partial head whose
+    ablation alone costs under 0.01 of copy accuracy; 0.5 counted it in at step 750. None qualifying (an untrained model):
     the best head alone, so the analysis still runs (and shows no effect)."""
     ranked = sorted(((v, l, h) for l, row in enumerate(scores) for h, v in enumerate(row)), reverse=True)
     best = ranked[0][0]
@@ -208,19 +227,40 @@ def analyse(run: str | Path, *, seed: int = 0) -> dict[str, Any]:
     induction_heads = detected(scores["induction"])
     prev_heads = detected(scores["previous_token"])
     heads = [(l, h) for l in range(model.config.n_layers) for h in range(model.config.n_heads)]
-    others = [x for x in heads if x not in induction_heads and x not in prev_heads]
-    if not others:
-        raise GlassmindError("every head is an induction or previous-token head: train with more heads "
-                             "(--n-heads) so a head outside the circuit exists")
-    rl, rh = random.Random(seed).choice(others)
+    # the control: heads of the same layer(s) as the detected induction heads that are in neither detected
+    # set (a previous-token head is part of the circuit: ablating it must hurt, so it is no control)
+    layers = {l for l, _ in induction_heads}
+    circuit = set(induction_heads) | set(prev_heads)
+    others = [x for x in heads if x[0] in layers and x not in circuit]
+    outside = [x for x in heads if x not in circuit and x not in others]
+    if not others and not outside:
+        raise GlassmindError("every head is an induction or previous-token head, so no control head exists: "
+                             "train with more heads (--n-heads)")
+    rng = random.Random(seed)
+    # the control head: one of the same layer outside the circuit; a head of another layer only when the
+    # layer has none (then random_other_head.same_layer is false and the study's claim is not met)
+    rl, rh = rng.choice(others or outside)
+    # a random set as large as the detected one: the same layer's other heads first, then (when the layer
+    # has too few) heads of other layers outside the circuit
+    k = min(len(induction_heads), len(others) + len(outside))
+    control_set = sorted(rng.sample(others, min(k, len(others))) + rng.sample(outside, k - min(k, len(others))))
     base = copy_metrics(model, eval_ids)
     # Zero ablation. Mean ablation over a sequence's positions would keep, in every head's output, the
     # average of what it copied: in a periodic sequence that is a bag of the context's own tokens, which
-    # alone lifts copy accuracy far above chance (0.37 with the three induction heads mean-ablated in our run)
+    # alone lifts copy accuracy far above chance (0.37 with the three induction heads mean-ablated in a
+    # 4-head run)
     per_head = {f"L{l}.H{h}": copy_metrics(model, eval_ids, ablation_edit(model, f"L{l}.H{h}", "zero"))
                 for l, h in heads}
     together = copy_metrics(model, eval_ids, combined_ablation(model, induction_heads))
+    control = copy_metrics(model, eval_ids, combined_ablation(model, control_set))
     chance = 1.0 / (vocab - 1)
+    # one head or a set: the mechanism is "one head" when ablating the detector's top head alone takes
+    # copy accuracy within NEAR_CHANCE of chance; otherwise the detected set is the unit that is ablated
+    alone = per_head[f"L{il}.H{ih}"]["copy_accuracy"]
+    if base["copy_accuracy"] <= chance + NEAR_CHANCE:  # nothing to find (an untrained or tiny-budget model)
+        mechanism = "none (the model does not copy: its accuracy is already near chance)"
+    else:
+        mechanism = "one head" if alone <= chance + NEAR_CHANCE else f"a set of {len(induction_heads)} heads"
     # across checkpoints: the induction heads' score and the copy loss
     rows = []
     for step, path in checkpoints_of(run):
@@ -231,6 +271,7 @@ def analyse(run: str | Path, *, seed: int = 0) -> dict[str, Any]:
                      **copy_metrics(m, eval_ids)})
     formation = _crossing([r["induction_score"] for r in rows], rising=True)
     loss_drop = _crossing([r["copy_loss"] for r in rows], rising=False)
+    window = _window([r["copy_loss"] for r in rows])
     return {
         "induction_head": {"layer": il, "head": ih, "score": iscore},
         "induction_heads": [f"L{l}.H{h}" for l, h in induction_heads],
@@ -239,11 +280,16 @@ def analyse(run: str | Path, *, seed: int = 0) -> dict[str, Any]:
         "scores": scores, "chance": chance, "copy_accuracy": base["copy_accuracy"],
         "copy_accuracy_without_induction_head": per_head[f"L{il}.H{ih}"]["copy_accuracy"],
         "copy_accuracy_without_induction_heads": together["copy_accuracy"],
-        "random_other_head": {"layer": rl, "head": rh, "chosen_from": [f"L{l}.H{h}" for l, h in others],
+        "mechanism": mechanism,
+        "random_other_head": {"layer": rl, "head": rh, "same_layer": bool(others),
+                              "chosen_from": [f"L{l}.H{h}" for l, h in others or outside],
                               "copy_accuracy_without_it": per_head[f"L{rl}.H{rh}"]["copy_accuracy"]},
+        "random_other_set": {"heads": [f"L{l}.H{h}" for l, h in control_set],
+                             "copy_accuracy_without_them": control["copy_accuracy"]},
         "ablation_per_head": per_head, "checkpoints": rows,
         "formation_step": rows[formation]["step"] if formation is not None else None,
         "loss_drop_step": rows[loss_drop]["step"] if loss_drop is not None else None,
+        "loss_drop_window": [rows[window[0]]["step"], rows[window[1]]["step"]] if window is not None else None,
         "checkpoint_steps": [r["step"] for r in rows],
     }
 
@@ -258,6 +304,22 @@ def _crossing(values: list[float], *, rising: bool) -> int | None:
         if (v >= mid) if rising else (v <= mid):
             return i
     return None
+
+
+def _window(loss: list[float]) -> tuple[int, int] | None:
+    """(i-1, i): the two consecutive checkpoints between which the copy loss falls most. The checkpoints are
+    log-spaced, so this is the steepest drop per log(step): the phase change, not the slow early slide
+    (learning which tokens occur in the row at all) that precedes it."""
+    if len(loss) < 2:
+        return None
+    i = max(range(1, len(loss)), key=lambda j: loss[j - 1] - loss[j])
+    return (i - 1, i) if loss[i] < loss[i - 1] else None
+
+
+def in_window(result: dict[str, Any]) -> bool:
+    """Whether the induction score's formation step lies inside the copy loss's drop window."""
+    w, f = result["loss_drop_window"], result["formation_step"]
+    return w is not None and f is not None and w[0] <= f <= w[1]
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
@@ -279,9 +341,11 @@ def plot(result: dict[str, Any], path: Path) -> Path:
              label=f"induction score of L{ih['layer']}.H{ih['head']}")
     ax2.set_ylabel("induction score", color="tab:blue")
     if result["formation_step"]:
-        ax.axvline(result["formation_step"], color="gray", ls="--", lw=1)
-    ax.set_title("The induction head forms as the copy loss drops")
-    fig.legend(loc="center right", fontsize=8)
+        ax.axvline(result["formation_step"], color="gray", ls="--", lw=1, label="induction score formed")
+    if result.get("loss_drop_window"):
+        ax.axvspan(*result["loss_drop_window"], color="tab:red", alpha=0.12, label="steepest copy-loss drop")
+    ax.set_title("The induction heads form as the copy loss drops")
+    fig.legend(loc="lower left", bbox_to_anchor=(0.12, 0.22), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -296,11 +360,29 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
         f"{ph['score']:.2f}), all detected: {', '.join(r['previous_token_heads'])}",
         f"copy accuracy {r['copy_accuracy']:.3f} (chance {r['chance']:.3f}); zero-ablating "
         f"L{ih['layer']}.H{ih['head']} alone -> {r['copy_accuracy_without_induction_head']:.3f}; all detected "
-        f"induction heads together -> {r['copy_accuracy_without_induction_heads']:.3f}; a random other head "
-        f"L{rh['layer']}.H{rh['head']} (from {', '.join(rh['chosen_from'])}) -> {rh['copy_accuracy_without_it']:.3f}",
+        f"induction heads together -> {r['copy_accuracy_without_induction_heads']:.3f}; a random other head of "
+        f"{'the same' if rh['same_layer'] else 'another'} layer L{rh['layer']}.H{rh['head']} (from {', '.join(rh['chosen_from'])}) -> "
+        f"{rh['copy_accuracy_without_it']:.3f}; a random set of as many ({', '.join(r['random_other_set']['heads'])})"
+        f" -> {r['random_other_set']['copy_accuracy_without_them']:.3f}; the mechanism: {r['mechanism']}",
         f"the induction score forms at step {r['formation_step']}, the copy loss drops at step "
-        f"{r['loss_drop_step']} (checkpoints {r['checkpoint_steps']})",
+        f"{r['loss_drop_step']} (its steepest drop is between checkpoints {r['loss_drop_window']}; "
+        f"formation {'inside' if in_window(r) else 'outside'} it; checkpoints {r['checkpoint_steps']})",
     ]
+
+
+def write_outputs(out: Path, result: dict[str, Any], command: str) -> None:
+    """The studies' conventions: every number (induction.json), a CSV of every point (checkpoints.csv: one row
+    per checkpoint; ablation.csv: copy accuracy and loss with each head zero-ablated alone), the plot, and
+    card.md with the read-out and the command that made it."""
+    from glassmind.studies.sweep import write_csv
+
+    atomic_write_json(out / "induction.json", result)
+    plot(result, out / "induction.png")
+    write_csv(out / "checkpoints.csv", result["checkpoints"])
+    write_csv(out / "ablation.csv", [{"ablated": k, **v} for k, v in result["ablation_per_head"].items()])
+    card = ["# induction: ground truth for the autopsy", "", "Made by:", "", "    " + command, "",
+            "![induction.png](induction.png)", "", "```", *summary_lines(result), "```", ""]
+    atomic_write_text(out / "card.md", "\n".join(card))
 
 
 DEMO_PROMPTS = [  # (prompt, the continuation's first token as text): code the demo decoder has read
@@ -350,13 +432,14 @@ def demo_stage(run_dir: str | Path | None, out_dir: str | Path, budget: str = "s
         kw = {k: v for k, v in BUDGETS[budget].items() if k in ("d_model", "half", "checkpoints")}
         train(InductionConfig(out=str(out), budget=budget, progress=budget != "tiny", **kw))
     result = analyse(out)
-    atomic_write_json(out / "induction.json", result)
-    plot(result, out / "induction.png")
+    write_outputs(out, result, "glassmind demo (stage 5: glassmind.studies.induction.demo_stage, budget "
+                  f"{budget})")
     summary["induction"] = {"run": str(out), "summary": summary_lines(result),
                             **{k: result[k] for k in ("induction_head", "copy_accuracy",
                                                       "copy_accuracy_without_induction_head", "random_other_head",
                                                       "copy_accuracy_without_induction_heads", "induction_heads",
-                                                      "formation_step", "loss_drop_step", "chance")}}
+                                                      "random_other_set", "mechanism", "formation_step",
+                                                      "loss_drop_step", "loss_drop_window", "chance")}}
     return summary
 
 
@@ -373,11 +456,12 @@ def _main(argv: list[str] | None) -> int:
     elif not (out / "study.json").exists():
         raise GlassmindError(f"{out} holds no induction run: drop --analyse-only to train one")
     result = analyse(out, seed=cfg.seed)
-    atomic_write_json(out / "induction.json", result)
-    plot(result, out / "induction.png")
+    from glassmind.studies.sweep import command_line
+
+    write_outputs(out, result, command_line("induction", sys.argv[1:] if argv is None else argv))
     for line in summary_lines(result):
         print(line)
-    print(f"wrote {out / 'induction.json'} and {out / 'induction.png'}")
+    print(f"wrote {out / 'induction.json'}, induction.png, checkpoints.csv, ablation.csv and card.md")
     return 0
 
 

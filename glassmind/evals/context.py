@@ -7,8 +7,8 @@ from pathlib import Path
 
 # per budget: training steps of the from-scratch models and how many probes per condition
 BUDGETS = {
-    "quick": {"steps": 500, "batch_tokens": 1024, "probes": 40},
-    "full": {"steps": 2000, "batch_tokens": 2048, "probes": 120},
+    "quick": {"steps": 500, "batch_tokens": 1024, "probes": 40, "rtuning_steps": 300},
+    "full": {"steps": 2000, "batch_tokens": 2048, "probes": 120, "rtuning_steps": 600},
 }
 
 

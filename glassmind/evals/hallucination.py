@@ -12,8 +12,8 @@ give three accuracy-coverage curves and their areas (glassmind.evals.stats.aurc)
     agreement    share of 10 samples from that distribution equal to the chosen answer (SelfCheckGPT-style
                  consistency; answers are one word, so agreement is exact match)
 
-Not done here: the R-Tuning SFT variant (train to say "I do not know" on facts it gets wrong) and reading
-exposure back from an existing run's corpus (a run trained on the built-in world sees every fact equally often).
+R-Tuning (glassmind.evals.rtuning): the same model fine-tuned through the sft recipe to say "I do not know" on
+the facts of one half of the creatures it got wrong, compared on the other half with the threshold curves.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ import time
 
 import numpy as np
 
-from glassmind.evals import gen, output, toy
+from glassmind.evals import gen, output, rtuning, toy
 from glassmind.evals.context import EvalContext
 from glassmind.evals.stats import aurc, bootstrap_ci, coverage_curve, wilson
 
 CONFIDENT = 0.5
 N_SAMPLES = 10
+RTUNING_LR = 1e-3
 
 
 def signals(lps: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
@@ -70,9 +71,21 @@ def run(ctx: EvalContext) -> dict:
         ci = bootstrap_ci(both, lambda a: aurc(a[:, 0], a[:, 1].astype(bool)), n_boot=300)
         curves[name] = (coverage_curve(s[name], correct), area, ci)
         rows.append({"signal": name, "aurc": area, "aurc_lo": ci[0], "aurc_hi": ci[1]})
+    # R-Tuning: fine-tune this model to say IDK where it was wrong, compare on the held-out half
+    rt = rtuning.run(ctx.work / "rtuning", model_dir, probes, s, steps=ctx.b["rtuning_steps"],
+                     lr=RTUNING_LR, threads=ctx.threads, log=ctx.log)
+    for who, key in (("R-tuned (abstains by saying IDK)", "rtuned"), ("R-tuned, made to answer all", "rtuned_all"),
+                     ("base, answers all", "base_all"),
+                     *((f"base, {n} threshold at R-tuned coverage", f"base_{n}_at_rtuned_coverage")
+                       for n in ("entropy", "logprob", "agreement"))):
+        m = rt[key]
+        rows.append({"heldout_model": who, **{k: m[k] for k in ("n", "answered", "coverage", "accuracy",
+                                                                 "confident_wrong")}})
+    for name, c in rt["curves"].items():
+        rows.append({"heldout_curve": name, "aurc": c["aurc"], "aurc_lo": c["ci"][0], "aurc_hi": c["ci"][1]})
     output.write_points(ctx.out, rows)
 
-    fig, (a1, a2) = output.figure(1, 2, figsize=(10, 3.8))
+    fig, (a1, a2, a3) = output.figure(1, 3, figsize=(15, 3.8))
     er = [r for r in rows if "exposure" in r]
     xs = np.arange(len(er))
     a1.errorbar(xs, [r["accuracy"] for r in er], yerr=output.errbars([r["accuracy"] for r in er],
@@ -92,6 +105,7 @@ def run(ctx: EvalContext) -> dict:
     a2.set_ylabel("accuracy of the answered")
     a2.set_ylim(0, 1.05)
     a2.legend(fontsize=7)
+    _plot_rtuning(a3, rt)
     plots = [output.save(fig, ctx.out / "hallucination.png")]
     numbers = {}
     for r in er:
@@ -100,9 +114,60 @@ def run(ctx: EvalContext) -> dict:
         numbers[f"confident-wrong rate, seen {r['exposure']}x"] = output.fmt_ci(r["confident_wrong"], (r["cw_lo"], r["cw_hi"]))
     for name, (_, area, ci) in curves.items():
         numbers[f"area under accuracy-coverage, {name}"] = output.fmt_ci(area, ci)
+    numbers.update(rtuning_numbers(rt))
     return output.write_result(
         ctx.out, suite="hallucination", title="Hallucination and abstention vs exposure",
         what=(f"A decoder (d_model 64, 2 layers, {ctx.b['steps']} steps) trained on '<Name> is <color>.' facts seen "
               f"0-16 times, {ctx.b['probes']} creatures per level; answers chosen among the 8 colors by log-probability."),
-        numbers=numbers, plots=plots, runs=[str(model_dir)], seconds=time.time() - t0, command=ctx.command,
-        notes=["Not measured: the R-Tuning SFT variant, and exposure read back from an existing run's corpus."])
+        numbers=numbers, plots=plots, runs=[str(model_dir), rt["sft_run"]], seconds=time.time() - t0,
+        command=ctx.command, notes=[rtuning_verdict(rt)])
+
+
+def rtuning_numbers(rt: dict) -> dict:
+    out = {"R-Tuning SFT set": f"{rt['n_sft']} questions, {rt['n_sft_idk']} labelled 'I do not know' (the base "
+                                 f"model was wrong there); {rt['n_heldout']} held out"}
+    for who, key in (("R-tuned", "rtuned"), ("R-tuned made to answer all", "rtuned_all"), ("base, all", "base_all"),
+                     ("base, entropy threshold at R-tuned coverage", "base_entropy_at_rtuned_coverage")):
+        m = rt[key]
+        lo, hi = wilson(m["right"], m["answered"]) if m["answered"] else (float("nan"), float("nan"))
+        out[f"held-out {who}: coverage"] = round(m["coverage"], 3)
+        out[f"held-out {who}: accuracy of the answered"] = (output.fmt_ci(m["accuracy"], (lo, hi))
+                                                            if m["answered"] else "nothing answered")
+        cw = m["n_confident_wrong"]
+        out[f"held-out {who}: confident-wrong rate"] = output.fmt_ci(m["confident_wrong"], wilson(cw, m["n"]))
+    for name, c in rt["curves"].items():
+        out[f"held-out area under accuracy-coverage, {name}"] = output.fmt_ci(c["aurc"], c["ci"])
+    return out
+
+
+def rtuning_verdict(rt: dict) -> str:
+    """One sentence from the numbers: does R-Tuning beat threshold abstention at its own coverage?"""
+    r, b = rt["rtuned"], rt["base_entropy_at_rtuned_coverage"]
+    if not r["answered"]:
+        return ("R-Tuning: the fine-tuned model said 'I do not know' to every held-out question (coverage 0): "
+                "no operating point to compare.")
+    ri, bi = wilson(r["right"], r["answered"]), wilson(b["right"], b["answered"])
+    if ri[0] > bi[1] or bi[0] > ri[1]:
+        better = "R-Tuning" if r["accuracy"] > b["accuracy"] else "the base model's entropy threshold"
+        verdict = f"{better} is more accurate (95% intervals apart)"
+    else:
+        verdict = "no difference in accuracy (95% intervals overlap)"
+    return (f"R-Tuning at coverage {r['coverage']:.2f}: accuracy of the answered {r['accuracy']:.2f} "
+            f"[{ri[0]:.2f}, {ri[1]:.2f}] vs the base model answering its {b['answered']} most confident "
+            f"(entropy) {b['accuracy']:.2f} [{bi[0]:.2f}, {bi[1]:.2f}]: {verdict}. Made to answer everything, "
+            f"the fine-tuned model is right on {rt['rtuned_all']['accuracy']:.2f} of the held-out questions "
+            f"against the base model's {rt['base_all']['accuracy']:.2f} (what fine-tuning did to its knowledge).")
+
+
+def _plot_rtuning(ax, rt: dict) -> None:
+    for name, c in rt["curves"].items():
+        cov, acc = c["curve"]
+        ax.plot(cov, acc, ls="-" if name.startswith("R-") else "--", label=f"{name} (area {c['aurc']:.3f})")
+    r = rt["rtuned"]
+    if r["answered"]:
+        ax.plot([r["coverage"]], [r["accuracy"]], "k*", ms=12, label="R-tuned says IDK (its operating point)")
+    ax.axhline(rt["base_all"]["accuracy"], color="gray", ls=":", label="base, no abstention")
+    ax.set_title(f"held-out facts (n={rt['n_heldout']}): R-Tuning vs thresholds", fontsize=9)
+    ax.set_xlabel("coverage (share answered)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=6)

@@ -103,15 +103,89 @@ def test_reply_logprobs_equal_one_unpadded_forward_pass_per_reply():
             assert got[i, j] == pytest.approx(want, abs=1e-5)
 
 
-def test_rtuning_pipeline_runs_and_labels_follow_the_base_models_answers(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A decoder pre-trained (30 steps) on the exposure world plus the built-in world's text (2 repeats, a
+    document per line): every fact's count in the data is known by construction."""
+    from glassmind.data.tasks import world_text
+    from glassmind.evals import toy
+
+    docs, probes = gen.exposure_world((0, 1, 4, 16), per_level=6)
+    docs = docs + world_text(0, repeats=2).splitlines()  # one document per line: some land in each split
+    base = toy.train(tmp_path_factory.mktemp("rt") / "base", docs, steps=30, context=32, batch_tokens=512, threads=1,
+                     val_fraction=0.2, log=lambda *a: None)
+    return base, probes
+
+
+def test_exposure_read_back_counts_each_fact_as_often_as_the_data_states_it(tiny_base, tmp_path):
+    """Counts read back from the run's recorded data equal the exposures the generator promised, less the
+    copies in documents the recipe put in the validation split; read through a child run's lineage too."""
+    from glassmind.common import GlassmindError
+    from glassmind.data.corpus import documents, split_of
+    from glassmind.data.tasks import world
+    from glassmind.evals import exposure
+
+    base, probes = tiny_base
+    settings = json.loads((base / "pretrain.json").read_text())
+    docs = list(documents(settings["data"]))
+    val = [d.text for d in docs if split_of(d.id, settings["val_fraction"]) == "val"]
+    train = [d.text for d in docs if split_of(d.id, settings["val_fraction"]) == "train"]
+    assert any("The color of" in t for t in val) and any("The color of" in t for t in train)  # both splits exercised
+    w = world(0)
+    shared = {e.name for e in w} & {p.condition["name"] for p in probes}
+
+    def a(word):
+        return ("an " if word[0] in "aeiou" else "a ") + word
+
+    facts = [(p.condition["name"], p.answer) for p in probes] + [(e.name, e.color) for e in w]
+    # the promise: an exposure-world fact is stated `exposure` times ('<Name> is <color>.'), less its copies in
+    # validation documents; a built-in world color is stated in three exact phrasings (data.tasks.world_sentences)
+    want = [p.condition["exposure"] - sum(t.count(f"{p.condition['name']} is {p.answer}.") for t in val)
+            for p in probes]
+    want += [sum(t.count(f"{e.name} is {a(e.color)} {e.kind}") + t.count(f"{e.name} is {e.color}.")
+                 + t.count(f"The color of {e.name} is {e.color},") for t in train) for e in w]
+    assert any(x > 0 for x in want[len(probes):])
+    child = tmp_path / "child"  # a run with no data of its own: its parent's pretrain.json is read
+    child.mkdir()
+    (child / "config.json").write_text("{}")
+    (child / "sft.json").write_text(json.dumps({"parent": str(base)}))
+    for run in (base, child):
+        got = exposure.read_back(run, facts, log=lambda *a: None)
+        assert got["pretrain_run"] == str(base)
+        for (name, value), n, m in zip(facts, got["counts"], want):
+            if name not in shared:
+                assert n == m, (name, value, n, m)
+    # the suite's view of the same run: every fact of both worlds scored once, grouped by its counted exposure
+    from glassmind.evals.hallucination import readback_facts, readback_run
+
+    rb = readback_run(base, log=lambda *a: None)
+    assert sum(r["n"] for r in rb["rows"]) == len(readback_facts())
+    assert [r["exposure_lo"] for r in rb["rows"]] == sorted({exposure.bin_of(c) for c in
+                                                             exposure.read_back(base, readback_facts(), log=print)["counts"]})
+    (tmp_path / "orphan").mkdir()
+    (tmp_path / "orphan" / "config.json").write_text("{}")
+    with pytest.raises(GlassmindError, match="no pretrain.json"):
+        exposure.read_back(tmp_path / "orphan", facts)
+
+
+def test_exposure_bins_are_zero_then_powers_of_two():
+    assert [exposure_bin(c) for c in (0, 1, 2, 3, 4, 7, 8, 15, 16, 100)] == [0, 1, 2, 2, 4, 4, 8, 8, 16, 64]
+
+
+def exposure_bin(c):
+    from glassmind.evals.exposure import bin_of
+
+    return bin_of(c)
+
+
+def test_rtuning_pipeline_runs_and_labels_follow_the_base_models_answers(tiny_base, tmp_path):
     """Tiny budget: a base model pre-trained on the exposure world, its answers labelled, the sft recipe run on
     them, the held-out comparison made. Every SFT label is checked against the base model's answer recomputed
     here (argmax of its log-probabilities over the colors), not against what the pipeline says it saw."""
     from glassmind.evals import toy
     from glassmind.evals.hallucination import signals
 
-    docs, probes = gen.exposure_world((0, 1, 4, 16), per_level=6)
-    base = toy.train(tmp_path / "base", docs, steps=30, context=32, batch_tokens=512, threads=1, val_fraction=0.2, log=lambda *a: None)
+    base, probes = tiny_base
     model, tok = toy.load(base)
     lps = np.array(toy.candidate_logprobs(model, tok, [p.prompt for p in probes], [p.candidates for p in probes]))
     rt = rtuning.run(tmp_path / "rt", base, probes, signals(lps), steps=4, threads=1, log=lambda *a: None)

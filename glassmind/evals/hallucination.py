@@ -19,10 +19,12 @@ the facts of one half of the creatures it got wrong, compared on the other half 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
-from glassmind.evals import gen, output, rtuning, toy
+from glassmind.common import GlassmindError
+from glassmind.evals import exposure, gen, output, rtuning, toy
 from glassmind.evals.context import EvalContext
 from glassmind.evals.stats import aurc, bootstrap_ci, coverage_curve, wilson
 
@@ -83,6 +85,16 @@ def run(ctx: EvalContext) -> dict:
                                                                  "confident_wrong")}})
     for name, c in rt["curves"].items():
         rows.append({"heldout_curve": name, "aurc": c["aurc"], "aurc_lo": c["ci"][0], "aurc_hi": c["ci"][1]})
+    # exposure read back: the given runs, scored on facts whose exposure is counted in their training data
+    notes, readback = [], []
+    for run_dir in ctx.runs:
+        try:
+            rb = readback_run(run_dir, ctx.log)
+        except GlassmindError as e:
+            notes.append(f"exposure read-back, {run_dir}: {e}")
+            continue
+        readback.append(rb)
+        rows += rb["rows"]
     output.write_points(ctx.out, rows)
 
     fig, (a1, a2, a3) = output.figure(1, 3, figsize=(15, 3.8))
@@ -107,6 +119,11 @@ def run(ctx: EvalContext) -> dict:
     a2.legend(fontsize=7)
     _plot_rtuning(a3, rt)
     plots = [output.save(fig, ctx.out / "hallucination.png")]
+    if readback:
+        plots.append(_plot_readback(ctx, readback))
+        for rb in readback:
+            numbers.update(rb["numbers"])
+            notes.append(rb["note"])
     numbers = {}
     for r in er:
         numbers[f"accuracy, seen {r['exposure']}x"] = output.fmt_ci(r["accuracy"], (r["acc_lo"], r["acc_hi"]))
@@ -120,7 +137,62 @@ def run(ctx: EvalContext) -> dict:
         what=(f"A decoder (d_model 64, 2 layers, {ctx.b['steps']} steps) trained on '<Name> is <color>.' facts seen "
               f"0-16 times, {ctx.b['probes']} creatures per level; answers chosen among the 8 colors by log-probability."),
         numbers=numbers, plots=plots, runs=[str(model_dir), rt["sft_run"]], seconds=time.time() - t0,
-        command=ctx.command, notes=[rtuning_verdict(rt)])
+        command=ctx.command, notes=[rtuning_verdict(rt), *notes])
+
+
+def readback_facts() -> list[tuple[str, str]]:
+    """The color facts of both fictional worlds: the built-in one the demo pre-trains on
+    (glassmind.data.tasks.world) and this suite's exposure world; a name in both counts for both."""
+    from glassmind.data.tasks import world
+
+    facts = [(e.name, e.color) for e in world(0)]
+    facts += [(p.condition["name"], p.answer) for p in gen.exposure_world()[1]]
+    return list(dict.fromkeys(facts))
+
+
+def readback_run(run_dir, log=print) -> dict:
+    """Accuracy vs exposure counted in an existing run's training data (glassmind.evals.exposure)."""
+    model, tok = toy.load(run_dir)
+    if model.config.arch != "decoder":
+        raise GlassmindError(f"a {model.config.arch} is not scored here: answering '<Name> is' needs a decoder; "
+                             "the from-scratch exposure model above applies to any run")
+    facts = readback_facts()
+    rb = exposure.read_back(run_dir, facts, log=log)
+    counts = np.array(rb["counts"])
+    lps = np.array(toy.candidate_logprobs(model, tok, [f"{n} is" for n, _ in facts], [gen.COLORS] * len(facts)))
+    correct = np.array([gen.COLORS[int(i)] == c for i, (_, c) in zip(lps.argmax(1), facts)])
+    bins = np.array([exposure.bin_of(int(c)) for c in counts])
+    rows, numbers = [], {}
+    name = Path(run_dir).name
+    for b in sorted(set(bins.tolist())):
+        m = bins == b
+        k, n = int(correct[m].sum()), int(m.sum())
+        lo, hi = wilson(k, n)
+        label = "0" if b == 0 else f"{b}" if b == 1 else f"{b}-{2 * b - 1}"
+        rows.append({"readback_run": str(run_dir), "counted_exposure": label, "exposure_lo": b, "n": n,
+                     "accuracy": k / n, "acc_lo": lo, "acc_hi": hi})
+        numbers[f"{name}: accuracy, counted {label}x in its training data (n={n})"] = output.fmt_ci(k / n, (lo, hi))
+    note = (f"Exposure read back for {run_dir}: {len(facts)} color facts counted in the training split of "
+            f"{rb['pretrain_run']} ({rb['data'] or 'the built-in corpus'}; {rb['train_bytes']:,} bytes, "
+            f"{rb['trained_tokens']:,} tokens trained on, so epochs ~ tokens / that split's tokens); the run answers "
+            "'<Name> is' among the 8 colors.")
+    return {"run": str(run_dir), "rows": rows, "numbers": numbers, "note": note}
+
+
+def _plot_readback(ctx: EvalContext, readback: list[dict]) -> str:
+    fig, ax = output.figure(figsize=(5.5, 3.6))
+    for rb in readback:
+        r = rb["rows"]
+        xs = np.arange(len(r))
+        ax.errorbar(xs, [x["accuracy"] for x in r], yerr=output.errbars([x["accuracy"] for x in r],
+                    [(x["acc_lo"], x["acc_hi"]) for x in r]), marker="o", capsize=3, label=Path(rb["run"]).name)
+        ax.set_xticks(xs, [x["counted_exposure"] for x in r])
+    ax.axhline(1 / len(gen.COLORS), color="gray", ls=":", label="chance")
+    ax.set_xlabel("times the fact appears in the run's training data (counted)")
+    ax.set_ylabel("accuracy (95% Wilson)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    return output.save(fig, ctx.out / "exposure_readback.png")
 
 
 def rtuning_numbers(rt: dict) -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glassmind.evals import gen, output, toy
+from glassmind.evals import gen, output, toy, verdict
 from glassmind.evals.context import EvalContext
 from glassmind.evals.stats import bootstrap_ci, weat, wilson
 
@@ -125,6 +125,7 @@ def run(ctx: EvalContext) -> dict:
     plots = []
     if dose_rows:
         plots.append(_plot_dose(ctx, dose_rows))
+        notes += verdict.dose(dose_rows)
     else:
         notes.append("The planted-bias dose-response was not run (--no-dose).")
     return output.write_result(

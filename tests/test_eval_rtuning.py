@@ -158,10 +158,10 @@ def test_exposure_read_back_counts_each_fact_as_often_as_the_data_states_it(tiny
     # the suite's view of the same run: every fact of both worlds scored once, grouped by its counted exposure
     from glassmind.evals.hallucination import readback_facts, readback_run
 
-    rb = readback_run(base, log=lambda *a: None)
-    assert sum(r["n"] for r in rb["rows"]) == len(readback_facts())
+    rb = readback_run(base, 6, log=lambda *a: None)
+    assert sum(r["n"] for r in rb["rows"]) == len(readback_facts(6))
     assert [r["exposure_lo"] for r in rb["rows"]] == sorted({exposure.bin_of(c) for c in
-                                                             exposure.read_back(base, readback_facts(), log=print)["counts"]})
+                                                             exposure.read_back(base, readback_facts(6), log=print)["counts"]})
     (tmp_path / "orphan").mkdir()
     (tmp_path / "orphan" / "config.json").write_text("{}")
     with pytest.raises(GlassmindError, match="no pretrain.json"):

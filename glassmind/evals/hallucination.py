@@ -89,7 +89,7 @@ def run(ctx: EvalContext) -> dict:
     notes, readback = [], []
     for run_dir in ctx.runs:
         try:
-            rb = readback_run(run_dir, ctx.log)
+            rb = readback_run(run_dir, ctx.b["probes"], ctx.log)
         except GlassmindError as e:
             notes.append(f"exposure read-back, {run_dir}: {e}")
             continue
@@ -121,9 +121,6 @@ def run(ctx: EvalContext) -> dict:
     plots = [output.save(fig, ctx.out / "hallucination.png")]
     if readback:
         plots.append(_plot_readback(ctx, readback))
-        for rb in readback:
-            numbers.update(rb["numbers"])
-            notes.append(rb["note"])
     numbers = {}
     for r in er:
         numbers[f"accuracy, seen {r['exposure']}x"] = output.fmt_ci(r["accuracy"], (r["acc_lo"], r["acc_hi"]))
@@ -132,6 +129,9 @@ def run(ctx: EvalContext) -> dict:
     for name, (_, area, ci) in curves.items():
         numbers[f"area under accuracy-coverage, {name}"] = output.fmt_ci(area, ci)
     numbers.update(rtuning_numbers(rt))
+    for rb in readback:
+        numbers.update(rb["numbers"])
+        notes.append(rb["note"])
     return output.write_result(
         ctx.out, suite="hallucination", title="Hallucination and abstention vs exposure",
         what=(f"A decoder (d_model 64, 2 layers, {ctx.b['steps']} steps) trained on '<Name> is <color>.' facts seen "
@@ -140,23 +140,24 @@ def run(ctx: EvalContext) -> dict:
         command=ctx.command, notes=[rtuning_verdict(rt), *notes])
 
 
-def readback_facts() -> list[tuple[str, str]]:
+def readback_facts(per_level: int) -> list[tuple[str, str]]:
     """The color facts of both fictional worlds: the built-in one the demo pre-trains on
-    (glassmind.data.tasks.world) and this suite's exposure world; a name in both counts for both."""
+    (glassmind.data.tasks.world) and this suite's exposure world at `per_level` creatures per level (the
+    budget's: a run pre-trained on another size of it has other colors for the same names)."""
     from glassmind.data.tasks import world
 
     facts = [(e.name, e.color) for e in world(0)]
-    facts += [(p.condition["name"], p.answer) for p in gen.exposure_world()[1]]
+    facts += [(p.condition["name"], p.answer) for p in gen.exposure_world(per_level=per_level)[1]]
     return list(dict.fromkeys(facts))
 
 
-def readback_run(run_dir, log=print) -> dict:
+def readback_run(run_dir, per_level: int, log=print) -> dict:
     """Accuracy vs exposure counted in an existing run's training data (glassmind.evals.exposure)."""
     model, tok = toy.load(run_dir)
     if model.config.arch != "decoder":
         raise GlassmindError(f"a {model.config.arch} is not scored here: answering '<Name> is' needs a decoder; "
                              "the from-scratch exposure model above applies to any run")
-    facts = readback_facts()
+    facts = readback_facts(per_level)
     rb = exposure.read_back(run_dir, facts, log=log)
     counts = np.array(rb["counts"])
     lps = np.array(toy.candidate_logprobs(model, tok, [f"{n} is" for n, _ in facts], [gen.COLORS] * len(facts)))

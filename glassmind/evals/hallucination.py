@@ -210,6 +210,10 @@ def rtuning_numbers(rt: dict) -> dict:
         out[f"held-out {who}: confident-wrong rate"] = output.fmt_ci(m["confident_wrong"], wilson(cw, m["n"]))
     for name, c in rt["curves"].items():
         out[f"held-out area under accuracy-coverage, {name}"] = output.fmt_ci(c["aurc"], c["ci"])
+    for e in sorted(set(rt["exposure"].tolist())):  # does the R-tuned model abstain where it never saw the fact?
+        m = rt["exposure"] == e
+        k, n = int(rt["rtuned_answered"][m].sum()), int(m.sum())
+        out[f"held-out R-tuned: share answered, seen {e}x"] = output.fmt_ci(k / n, wilson(k, n))
     return out
 
 

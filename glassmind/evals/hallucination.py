@@ -14,6 +14,8 @@ give three accuracy-coverage curves and their areas (glassmind.evals.stats.aurc)
 
 R-Tuning (glassmind.evals.rtuning): the same model fine-tuned through the sft recipe to say "I do not know" on
 the facts of one half of the creatures it got wrong, compared on the other half with the threshold curves.
+Exposure read back (glassmind.evals.exposure): each RUN given is scored on the color facts of both worlds, grouped
+by how often each appears in the training data its lineage's pretrain.json names.
 """
 
 from __future__ import annotations

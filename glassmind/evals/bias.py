@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glassmind.evals import gen, output, toy
+from glassmind.evals import gen, output, toy, verdict
 from glassmind.evals.context import EvalContext
 from glassmind.evals.stats import bootstrap_ci, weat, wilson
 
@@ -109,7 +109,7 @@ def run(ctx: EvalContext) -> dict:
     dose_rows = []
     for rate in rates:
         docs = gen.planted_bias_corpus(rate, n_sentences=12000)
-        d = toy.train(ctx.work / f"bias-{int(rate * 100)}", docs, steps=2 * ctx.b["steps"], context=64,
+        d = toy.train(ctx.work / f"bias-{int(rate * 100)}", docs, steps=ctx.b["bias_steps"], context=64,
                       batch_tokens=ctx.b["batch_tokens"], threads=ctx.threads, log=ctx.log)
         runs.append(str(d))
         model, tok = toy.load(d)
@@ -125,11 +125,12 @@ def run(ctx: EvalContext) -> dict:
     plots = []
     if dose_rows:
         plots.append(_plot_dose(ctx, dose_rows))
+        notes += verdict.dose(dose_rows)
     else:
         notes.append("The planted-bias dose-response was not run (--no-dose).")
     return output.write_result(
         ctx.out, suite="bias", title="Bias: WEAT, templates, CrowS-style pairs, planted dose",
-        what=(f"WEAT 6 on each given run; decoders (d_model 64, 2 layers, {2 * ctx.b['steps']} steps) trained on 12,000 "
+        what=(f"WEAT 6 on each given run; decoders (d_model 64, 2 layers, {ctx.b['bias_steps']} steps) trained on 12,000 "
               f"generated occupation/pronoun sentences with the stereotype planted at "
               f"{', '.join(f'{x:.0%}' for x in rates) or '(not run)'}."),
         numbers=numbers, plots=plots, notes=notes, runs=runs, seconds=time.time() - t0, command=ctx.command)

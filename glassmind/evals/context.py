@@ -7,8 +7,10 @@ from pathlib import Path
 
 # per budget: training steps of the from-scratch models and how many probes per condition
 BUDGETS = {
-    "quick": {"steps": 500, "batch_tokens": 1024, "probes": 40},
-    "full": {"steps": 2000, "batch_tokens": 2048, "probes": 120},
+    "quick": {"steps": 500, "batch_tokens": 1024, "probes": 40, "rtuning_steps": 300,
+              # the pronoun association forms near 1000 steps in some trainings and not in others (README)
+              "bias_steps": 2000},
+    "full": {"steps": 2000, "batch_tokens": 2048, "probes": 120, "rtuning_steps": 600, "bias_steps": 4000},
 }
 
 

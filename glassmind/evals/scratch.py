@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from glassmind.evals import gen, output, toy
+from glassmind.evals import gen, output, toy, verdict
 from glassmind.evals.context import EvalContext
 from glassmind.evals.stats import wilson
 
@@ -70,7 +70,8 @@ def position(ctx: EvalContext) -> dict:
               "records followed by a question about one; tested with the record at the start, middle or end of "
               f"contexts of {', '.join(map(str, test_pairs))} records; chance is 1/{len(gen.FOODS)}."),
         numbers=numbers, plots=plots, runs=[str(ctx.work / f'pos-{pe}') for pe in ('sinusoidal', 'learned', 'rope')],
-        seconds=time.time() - t0, command=ctx.command)
+        seconds=time.time() - t0, command=ctx.command,
+        notes=verdict.position(rows, 1 / len(gen.FOODS), max(test_pairs)))
 
 
 def reversal(ctx: EvalContext) -> dict:
@@ -147,4 +148,4 @@ def arithmetic(ctx: EvalContext) -> dict:
               "one token each, written plainly or least significant digit first; greedy exact match on new sums of "
               "1-5 digit operands. Abacus embeddings (McLeish et al. 2024) are not implemented here."),
         numbers=numbers, plots=plots, seconds=time.time() - t0, command=ctx.command,
-        runs=[str(ctx.work / n) for n in ("add-plain", "add-reversed")])
+        runs=[str(ctx.work / n) for n in ("add-plain", "add-reversed")], notes=verdict.arithmetic(rows, 3))

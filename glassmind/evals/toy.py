@@ -28,7 +28,8 @@ from glassmind.common import GlassmindError, atomic_write_text
 
 def train(out: Path, docs: Sequence[str], *, positional: str = "rope", steps: int = 300, context: int = 128,
           d_model: int = 64, n_layers: int = 2, n_heads: int = 2, vocab_size: int = 512, lr: float = 3e-3,
-          batch_tokens: int = 4096, seed: int = 0, threads: int | None = None, log=print) -> Path:
+          batch_tokens: int = 4096, seed: int = 0, threads: int | None = None, val_fraction: float = 0.02,
+          log=print) -> Path:
     out = Path(out)
     micro = max(1, batch_tokens // context)
     batch_tokens = micro * context  # the recipe wants a whole number of sequences per step
@@ -37,7 +38,7 @@ def train(out: Path, docs: Sequence[str], *, positional: str = "rope", steps: in
              "--d-model", str(d_model), "--n-layers", str(n_layers), "--n-heads", str(n_heads),
              "--vocab-size", str(vocab_size), "--lr", str(lr), "--batch-tokens", str(batch_tokens),
              "--micro-batch", str(micro), "--seed", str(seed), "--eval-every", "0",
-             "--val-fraction", "0.02", "--tokenizer-bytes", "400000", "--ckpt-every", str(steps + 1),
+             "--val-fraction", str(val_fraction), "--tokenizer-bytes", "400000", "--ckpt-every", str(steps + 1),
              "--warmup-steps", str(max(1, steps // 20)), "--no-progress"]
     if threads:
         flags += ["--threads", str(threads)]
@@ -56,14 +57,53 @@ def train(out: Path, docs: Sequence[str], *, positional: str = "rope", steps: in
            "--shards-dir", str(out.parent / ".shards"), *flags]
     log(f"  training {out.name}: {' '.join(cmd[1:])}")
     t0 = time.time()
-    env = dict(os.environ)
-    # the child must import this same glassmind (a worktree on PYTHONPATH), not another installed copy
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=_child_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise GlassmindError(f"training {out} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
     done = [line for line in proc.stdout.splitlines() if line.startswith("done:")]
     log(f"  {done[-1] if done else 'done'} ({time.time() - t0:.0f} s)")
+    atomic_write_text(stamp_file, stamp)
+    return out
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    # the child must import this same glassmind (a worktree on PYTHONPATH), not another installed copy
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def sft(out: Path, parent: Path, data: Path, *, steps: int = 300, batch_size: int = 32, lr: float = 1e-3,
+        seed: int = 0, threads: int | None = None, log=print) -> Path:
+    """`python -m glassmind sft --from PARENT --data DATA` into `out` (reused when parent weights, data and
+    flags are unchanged). The recipe's own held-out check on the built-in tasks is kept minimal (world task,
+    2 prompts): the eval measures the fine-tuned model itself."""
+    out, parent, data = Path(out), Path(parent), Path(data)
+    flags = ["--steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr), "--seed", str(seed),
+             "--warmup-steps", str(max(1, steps // 20)), "--eval-every", "0", "--tasks", "world",
+             "--eval-per-task", "2", "--ckpt-every", str(steps + 1), "--no-progress"]
+    if threads:
+        flags += ["--threads", str(threads)]
+    h = hashlib.sha256()
+    h.update((parent / "model.safetensors").read_bytes())
+    h.update(data.read_bytes())
+    h.update(" ".join(flags).encode())
+    stamp, stamp_file = h.hexdigest(), out / ".eval_stamp"
+    if stamp_file.exists() and stamp_file.read_text() == stamp and (out / "model.safetensors").exists():
+        log(f"  reusing {out} (same parent, data and flags)")
+        return out
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    cmd = [sys.executable, "-m", "glassmind", "sft", "--from", str(parent), "--out", str(out), "--data", str(data),
+           *flags]
+    log(f"  fine-tuning {out.name}: {' '.join(cmd[1:])}")
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=_child_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise GlassmindError(f"fine-tuning {out} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    log(f"  sft done ({time.time() - t0:.0f} s)")
     atomic_write_text(stamp_file, stamp)
     return out
 

@@ -1,0 +1,46 @@
+"""The sentence each from-scratch suite writes about its own numbers (glassmind.evals.verdict): it says an
+effect showed only when the intervals are apart, and says 'not learned' when the model is at chance."""
+
+from __future__ import annotations
+
+from glassmind.evals import verdict
+from glassmind.evals.stats import wilson
+
+
+def _row(k, n=40, **cond):
+    lo, hi = wilson(k, n)
+    return {**cond, "n": n, "correct": k, "accuracy": k / n, "ci_lo": lo, "ci_hi": hi}
+
+
+def _pos(pe, s, m, e):
+    return [_row(k, positional=pe, n_pairs=16, position=w) for w, k in (("start", s), ("middle", m), ("end", e))]
+
+
+def test_position_verdict_tells_chance_from_a_u_shape_from_no_effect():
+    rows = _pos("rope", 5, 4, 6) + _pos("learned", 36, 8, 35) + _pos("sinusoidal", 30, 26, 31)
+    got = verdict.position(rows, 1 / 8, 16)
+    assert "not learned" in got[0]        # 5/40 = chance: every interval reaches 1/8
+    assert "lost in the middle" in got[1]  # 0.20 in the middle against 0.90 and 0.88
+    assert "no position effect" in got[2]  # 0.65 against 0.75 and 0.78: intervals overlap
+
+
+def test_arithmetic_verdict_refuses_to_judge_generalisation_of_an_unlearned_task():
+    plain = [_row(0, digits_format="plain", operand_digits=d) for d in (1, 2, 3, 4)]
+    rev = [_row(k, digits_format="reversed", operand_digits=d) for d, k in ((1, 40), (2, 38), (3, 30), (4, 12))]
+    got = verdict.arithmetic(plain + rev, 3)
+    assert "plain digits: addition not learned" in got[0]
+    assert "4 digits (beyond training): reversed is better" in got[1]  # 12/40 against 0/40
+    rev_close = [_row(k, digits_format="reversed", operand_digits=d) for d, k in ((1, 40), (2, 38), (3, 30), (4, 2))]
+    got = verdict.arithmetic(plain + rev_close, 3)
+    assert "no difference shown" in got[-1]  # 2/40 against 0/40: intervals overlap
+    assert verdict.arithmetic([_row(0, digits_format=f, operand_digits=d) for f in ("plain", "reversed")
+                               for d in (1, 4)], 3)[-1].startswith("reversed digits: addition not learned")
+
+
+def test_dose_verdict_needs_the_gap_intervals_apart():
+    shows = [{"planted_rate": 0.0, "template_gap": 0.01, "gap_lo": -0.01, "gap_hi": 0.03},
+             {"planted_rate": 0.5, "template_gap": 0.48, "gap_lo": 0.45, "gap_hi": 0.51}]
+    got = verdict.dose(shows)[0]
+    assert got.startswith("The planted bias shows") and "slope 0.94" in got
+    flat = [dict(shows[0]), {"planted_rate": 0.5, "template_gap": 0.02, "gap_lo": 0.0, "gap_hi": 0.04}]
+    assert verdict.dose(flat)[0].startswith("No dose-response shown")

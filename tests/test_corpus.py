@@ -66,8 +66,7 @@ def test_read_text_decoding_rules(tmp_path):
         corpus.read_text(tmp_path / "liar.py")
     # in a folder the undecodable files are skipped and counted; named on its own, one is an error
     stats = CorpusStats()
-    assert [d.id for d in documents(str(tmp_path), stats=stats)] == [str(tmp_path / n) for n in
-                                                                      ("koi8.py", "latin1.py", "utf8.py")]
+    assert [d.id for d in documents(str(tmp_path), stats=stats)] == ["koi8.py", "latin1.py", "utf8.py"]
     assert sorted(Path(p).name for p, _ in stats.skipped) == ["bad.py", "liar.py"]
     with pytest.raises(GlassmindError, match="bad.py is not UTF-8"):
         list(documents(str(tmp_path / "bad.py")))
@@ -90,13 +89,38 @@ def test_files_directories_and_globs(tmp_path):
     assert [x.text for x in documents(d)] == ["ay", "bee", "sea"]  # sorted, hidden and empty left out
     assert [x.text for x in documents(f"{d}/**/*.txt")] == ["bee", "sea"]
     assert [x.text for x in documents([f"{d}/sub/c.txt", f"{d}/a.md"])] == ["sea", "ay"]  # sources in order
-    assert list(documents(Path(d) / "b.txt")) == [Document(str(tmp_path / "b.txt"), "bee")]
+    assert list(documents(Path(d) / "b.txt")) == [Document("b.txt", "bee")]
+    # ids: relative to the folder or the glob's root, so they do not depend on where the data lives
+    assert [x.id for x in documents(d)] == ["a.md", "b.txt", "sub/c.txt"]
+    assert [x.id for x in documents(f"{d}/**/*.txt")] == ["b.txt", "sub/c.txt"]
+    assert [x.id for x in documents(f"{d}/s*/*.txt")] == ["sub/c.txt"]
+
+
+def test_the_split_does_not_depend_on_where_the_data_lives(tmp_path):
+    """The same files (a folder, a glob, a JSONL) copied to another place split into the same train and
+    validation documents: the split hashes ids that hold no absolute path (an absolute path would tie a
+    run's validation set, and the tokenizer trained on its train split, to the directory it ran in)."""
+    import shutil
+
+    from glassmind.data.corpus import texts
+
+    a = tmp_path / "a" / "data"
+    a.mkdir(parents=True)
+    for i in range(60):
+        (a / f"{i:02d}.txt").write_text(f"document {i}", encoding="utf-8")
+    (a / "rows.jsonl").write_text("".join(f'{{"text": "row {i}"}}\n' for i in range(60)), encoding="utf-8")
+    b = tmp_path / "elsewhere" / "deeper" / "data"
+    shutil.copytree(a, b)
+    for src in ("{}", "{}/*.txt", "{}/rows.jsonl"):
+        for split in ("train", "val"):
+            here, there = (list(texts(src.format(root), split=split, val_fraction=0.3)) for root in (a, b))
+            assert here == there and here, (src, split)
 
 
 def test_jsonl_sources(tmp_path):
     p = tmp_path / "data.jsonl"
     p.write_text('{"text": "one", "body": "uno"}\n\n{"text": "two", "body": "dos"}\n', encoding="utf-8")
-    assert [(d.id, d.text) for d in documents(str(p))] == [(f"{p}:1", "one"), (f"{p}:3", "two")]
+    assert [(d.id, d.text) for d in documents(str(p))] == [("data.jsonl:1", "one"), ("data.jsonl:3", "two")]
     assert [d.text for d in documents(f"{p}:body")] == ["uno", "dos"]
     with pytest.raises(GlassmindError, match=r"data.jsonl:1 has no field 'title'.*data.jsonl:FIELD"):
         list(documents(f"{p}:title"))
@@ -144,8 +168,9 @@ def test_hf_dataset_from_disk_and_cache(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "datasets", fake)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     d = str(tmp_path)
-    assert [(x.id, x.text) for x in documents(f"hf:{d}")] == [(f"hf:{d}:train:0", "hello"),
-                                                               (f"hf:{d}:train:1", "world")]
+    name = tmp_path.name  # a saved folder is named by its own name in ids, not by where it lives
+    assert [(x.id, x.text) for x in documents(f"hf:{d}")] == [(f"hf:{name}:train:0", "hello"),
+                                                               (f"hf:{name}:train:1", "world")]
     assert [x.text for x in documents(f"hf:{d}:test")] == ["held out"]
     assert calls[0] == ("disk", d, "1")  # loaded offline
     assert [x.text for x in documents("hf:some/name:validation")] == ["x"]

@@ -16,6 +16,7 @@ import dataclasses
 import glob
 import hashlib
 import io
+import itertools
 import json
 import os
 import sysconfig
@@ -31,7 +32,10 @@ SOURCE_FORMS = ("a file, a directory, a glob, PATH.jsonl or PATH.jsonl:FIELD, or
 
 @dataclasses.dataclass(frozen=True)
 class Document:
-    id: str  # stable across runs and machines: the split hashes it
+    # stable across runs, machines and where the data lives (the split hashes it): a file's path relative to
+    # the folder or glob root it was found under, a single file's name, a JSONL line's "name:line"; never
+    # the absolute path (the same data copied elsewhere, or another Python's stdlib, would split otherwise)
+    id: str
     text: str
 
 
@@ -216,10 +220,10 @@ def _source_documents(source: str, stats: CorpusStats) -> Iterator[Document]:
         if not matches:
             raise GlassmindError(f"the glob {source!r} matches no files; check the pattern (quote it so the "
                                  "shell does not expand it)")
-        return _files_documents(matches, stats)
+        return _files_documents(matches, stats, _glob_root(source))
     p = Path(source)
     if p.is_dir():
-        return _files_documents(_dir_files(p), stats)
+        return _files_documents(_dir_files(p), stats, str(p))
     if p.is_file():
         return _single_file_documents(p)
     raise GlassmindError(f"no such file or directory: {source}; pass {SOURCE_FORMS}")
@@ -244,24 +248,33 @@ def _dir_files(root: Path) -> list[str]:
     return sorted(found)
 
 
+def _glob_root(pattern: str) -> str:
+    """The folder a glob searches from: its leading components without a wildcard ("/lib/py/*.py" -> "/lib/py")."""
+    parts = Path(pattern).parts
+    fixed = list(itertools.takewhile(lambda c: not any(ch in c for ch in "*?["), parts))
+    return str(Path(*fixed)) if fixed else "."
+
+
 def _single_file_documents(path: Path) -> Iterator[Document]:
-    yield Document(str(path), read_text(path))
+    yield Document(path.name, read_text(path))
 
 
-def _files_documents(paths: list[str], stats: CorpusStats) -> Iterator[Document]:
+def _files_documents(paths: list[str], stats: CorpusStats, root: str) -> Iterator[Document]:
+    """The files' documents, each id its path relative to `root` (with '/' on every OS)."""
     for path in paths:
+        rel = Path(os.path.relpath(path, root)).as_posix()
         if path.endswith(".jsonl"):
-            yield from _jsonl_documents(path, "text")
+            yield from _jsonl_documents(path, "text", id_prefix=rel)
             continue
         try:
             text = read_text(path)
         except GlassmindError as e:
             stats.skipped.append((path, str(e)))
             continue
-        yield Document(path, text)
+        yield Document(rel, text)
 
 
-def _jsonl_documents(path: str, field: str) -> Iterator[Document]:
+def _jsonl_documents(path: str, field: str, id_prefix: str | None = None) -> Iterator[Document]:
     try:
         f = open(path, encoding="utf-8")
     except OSError as e:
@@ -285,7 +298,7 @@ def _jsonl_documents(path: str, field: str) -> Iterator[Document]:
                 if not isinstance(value, str):
                     raise GlassmindError(f"{where}: field {field!r} is {type(value).__name__}, not text; pick a "
                                          f"text field with {path}:FIELD")
-                yield Document(where, value)
+                yield Document(f"{id_prefix or Path(path).name}:{lineno}", value)
         except UnicodeDecodeError as e:
             raise GlassmindError(f"{path} is not UTF-8 ({e.reason}); JSONL must be UTF-8") from None
 
@@ -323,16 +336,17 @@ def _hf_documents(source: str, stats: CorpusStats) -> Iterator[Document]:
     if columns is not None and field not in columns:
         raise GlassmindError(f"dataset {name!r} split {split!r} has no column {field!r} (it has {columns}); pass "
                              f"hf:{name}:{split}:FIELD")
-    return _hf_rows(ds, name, split, field)
+    # a folder saved with save_to_disk is named by its own name in ids (where it lives must not move the split)
+    return _hf_rows(ds, name, split, field, Path(name).name if Path(name).is_dir() else name)
 
 
-def _hf_rows(ds, name: str, split: str, field: str) -> Iterator[Document]:
+def _hf_rows(ds, name: str, split: str, field: str, id_name: str) -> Iterator[Document]:
     for i, row in enumerate(ds):
         value = row.get(field)
         if not isinstance(value, str):
             raise GlassmindError(f"hf:{name}:{split} row {i}: field {field!r} is {type(value).__name__}, not "
                                  f"text; pass hf:{name}:{split}:FIELD")
-        yield Document(f"hf:{name}:{split}:{i}", value)
+        yield Document(f"hf:{id_name}:{split}:{i}", value)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -198,15 +198,68 @@ def test_report_card_follows_lineage_escapes_text_and_inlines_images(tmp_path):
     assert (c / "report" / "summary.png").exists() and res["summary"] is not None
 
 
-def test_calibration_refuses_a_run_without_chat_tokens_and_names_what_applies(tmp_path):
+def test_calibration_refuses_an_encoder_and_names_what_applies(tmp_path):
     from glassmind.common import GlassmindError
     from glassmind.evals.cli import run_suite
 
-    run = _fake_run(tmp_path / "pre")
-    (run / "tokenizer.json").write_text('{"added_tokens": [{"content": "<|endoftext|>"}]}')
-    with pytest.raises(GlassmindError, match="hallucination"):
+    run = _fake_run(tmp_path / "enc")
+    (run / "config.json").write_text('{"arch": "encoder"}')
+    (run / "tokenizer.json").write_text('{"added_tokens": [{"content": "[MASK]"}]}')
+    with pytest.raises(GlassmindError, match="encoder or encoder-decoder.*--suite bias"):
         run_suite("calibration", [run], tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before any output
+
+
+def test_calibration_of_a_pretrained_decoder_is_3_shot_and_its_confidence_is_the_replys_probability(tmp_path):
+    """A base model (no chat tokens) is prompted 3-shot in plain text; its confidence is the probability of
+    the reply up to and including the token that wrote the newline, recomputed here by one plain forward
+    pass per reply; the suite runs on it as the first lifecycle stage."""
+    import numpy as np
+    import torch
+
+    from glassmind import tokenizer as tok_lib
+    from glassmind.data import tasks as T
+    from glassmind.evals import calibration
+    from glassmind.evals.cli import run_suite
+    from glassmind.model import ModelConfig, Transformer, load_model, save_model
+    from glassmind.tokenizer.bpe import BPETokenizer
+
+    texts = [f"Question: {e.prompt}\nAnswer: {e.answer}\n\n" for t in T.TASKS for e in T.pool(t)[:100]]
+    tok = BPETokenizer.train(texts, 400, progress=False)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, context_length=128, d_model=32, n_heads=2,
+                                    n_layers=1, lm_head_bias=True))
+    with torch.no_grad():  # a random model rarely writes a newline: favour the tokens that hold one, so that
+        # some replies end at their terminator after a few tokens, as a trained base model's do
+        for t in range(tok.vocab_size):
+            if "\n" in tok.decode([t]):
+                model.lm_bias[t] = 2.5
+    base = tmp_path / "base"
+    save_model(model, base)
+    tok.save(base)
+    m = calibration.measure_few_shot(base, per_task=2)
+    model, tok = load_model(base).eval(), tok_lib.load(base)
+    examples = T.heldout_examples(2)
+    prompts = [tok.encode(x)[-(128 - 12):] for x in T.few_shot_prompts(examples, 3)]
+    assert all(x.endswith("Answer:") and x.count("Question:") == 4 for x in T.few_shot_prompts(examples, 3))
+    from glassmind.train.chat_runs import generate
+
+    eos = tok.special_tokens["<|endoftext|>"]
+    want, cut = [], 0
+    for p, r in zip(prompts, generate(model, prompts, eos, max_new_tokens=12)):
+        r = [i for i in r if i != eos]
+        ends = [j for j, t in enumerate(r) if "\n" in tok.decode([t])]
+        r = r[:ends[0] + 1] if ends else r
+        cut += bool(ends)
+        ids = torch.tensor([p + r])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).float(), -1)[0]
+        want.append(float(sum(logp[len(p) - 1 + j, t] for j, t in enumerate(r))))
+    assert np.allclose(m["confidence"], np.exp(want), rtol=1e-4, atol=1e-7)
+    assert cut > 0  # some replies did end at a newline, so the terminator's probability is in the check
+    assert m["prompting"] == "3-shot" and len(m["correct"]) == len(examples)
+    res = run_suite("calibration", [base], tmp_path / "out", "quick")
+    assert res["numbers"]["prompting, base"] == "3-shot" and "ECE, base" in res["numbers"]
 
 
 def test_eval_verb_rejects_a_directory_that_is_not_a_run(tmp_path, capsys):
@@ -216,12 +269,17 @@ def test_eval_verb_rejects_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
 
 
-def test_quick_suite_skips_calibration_for_a_base_model(tmp_path):
+def test_quick_suite_skips_calibration_for_an_encoder_only(tmp_path):
     from glassmind.evals.cli import applicable
 
     run = _fake_run(tmp_path / "pre")
     (run / "tokenizer.json").write_text("{}")
+    assert "calibration" in applicable(run)  # a pre-trained decoder: 3-shot
+    (run / "config.json").write_text('{"arch": "encoder"}')
     assert "calibration" not in applicable(run)
+    (run / "config.json").write_text('{"arch": "encoder-decoder"}')
+    assert "calibration" not in applicable(run)
+    (run / "config.json").write_text('{"arch": "decoder"}')
     (run / "tokenizer.json").write_text('{"x": "<|assistant|>"}')
     assert "calibration" in applicable(run)
 

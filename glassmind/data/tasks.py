@@ -277,6 +277,19 @@ def split_pool(task: str, split: str, world_seed: int = 0) -> list[Example]:
     return list(_splits(task, world_seed)[split])
 
 
+def few_shot_prompts(examples: list, shots: int = 3, seed: int = 0) -> list[str]:
+    """A base model's plain-text prompts (it has no chat format): `shots` training examples of the same task
+    as demonstrations, "Question: ...\nAnswer: ...\n\n" each, then "Question: <prompt>\nAnswer:". The reply is
+    what the model writes up to the first newline. Demonstrations are drawn by one seeded generator in order."""
+    rng = random.Random(seed)
+    out = []
+    for e in examples:
+        demos = rng.sample(split_pool(e.task, "train"), shots)
+        out.append("".join(f"Question: {d.prompt}\nAnswer: {d.answer}\n\n" for d in demos)
+                   + f"Question: {e.prompt}\nAnswer:")
+    return out
+
+
 def train_examples(n: int, seed: int = 0, tasks: Iterable[str] | None = None, world_seed: int = 0,
                    split: str = "sft") -> list[Example]:
     """`n` training examples, the tasks taken in turn (balanced), each drawn from the `split` ('sft': for

@@ -1,13 +1,14 @@
 """Calibration on the verifiable tasks: is a model's confidence in its answer the chance it is right?
 
-For each chat run given (an SFT, DPO, PPO or GRPO run; several runs = several lifecycle stages, in the
-order given): greedy replies to the built-in tasks' held-out prompts (glassmind.data.tasks), judged by the
-verifier (exact match). Confidence = the model's probability of its whole reply, <|end|> included
-(exp of the summed token log-probabilities, teacher-forced). Expected calibration error over 10 equal-width
-bins (glassmind.evals.stats.ece) with a bootstrap interval, and a reliability diagram per run.
-
-A pre-trained run (no chat tokens) does not apply: the few-shot variant is not built; use
-`--suite hallucination` for a base model's calibration on facts of known exposure.
+For each run given (several runs = several lifecycle stages, in the order given): greedy replies to the
+built-in tasks' held-out prompts (glassmind.data.tasks), judged by the verifier (exact match).
+  - a chat run (SFT, DPO, PPO, GRPO): the prompt in its chat format; the reply ends at <|end|>;
+  - a pre-trained decoder (no chat tokens): 3-shot plain-text prompting (tasks.few_shot_prompts, as the
+    alignment study's "base (3-shot)" column); the reply is the text up to the first newline.
+Confidence = the model's probability of its whole reply, the terminator included (<|end|>, or the token that
+wrote the newline), exp of the summed token log-probabilities, teacher-forced. Expected calibration error over
+10 equal-width bins (glassmind.evals.stats.ece) with a bootstrap interval, and a reliability diagram per run.
+Encoders and encoder-decoders do not apply.
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ BINS = 10
 
 
 def is_chat_run(run: Path) -> bool:
-    import json
-
     tok = run / "tokenizer.json"
     return tok.exists() and "<|assistant|>" in tok.read_text(encoding="utf-8")
 
@@ -58,6 +57,8 @@ def measure(run: Path, per_task: int) -> dict:
     from glassmind.data import tasks as task_lib
     from glassmind.train.chat_runs import generate, load_chat_run
 
+    if not is_chat_run(run):
+        return measure_few_shot(run, per_task)
     model, tok, fmt = load_chat_run(run, flag="RUN")
     examples = task_lib.heldout_examples(per_task)
     prompts = [fmt.render_prompt(e.messages()[:1]) for e in examples]
@@ -65,19 +66,55 @@ def measure(run: Path, per_task: int) -> dict:
     conf = np.exp(reply_logprobs(model, prompts, replies))
     ok = np.array([task_lib.verify(e, fmt.parse_reply(r)) for e, r in zip(examples, replies)])
     tasks = [e.task for e in examples]
-    return {"confidence": conf, "correct": ok, "tasks": tasks}
+    return {"confidence": conf, "correct": ok, "tasks": tasks, "prompting": "chat"}
+
+
+def cut_at_newline(tok, reply: list[int]) -> list[int]:
+    """The reply's ids up to and including the first token whose text holds a newline (the answer's
+    terminator, as <|end|> is a chat reply's); all of them if none does."""
+    for i, t in enumerate(reply):
+        if "\n" in tok.decode([t]):
+            return list(reply[:i + 1])
+    return list(reply)
+
+
+def measure_few_shot(run: Path, per_task: int, shots: int = 3, max_new_tokens: int = 12) -> dict:
+    """A pre-trained decoder, prompted 3-shot in plain text (no chat format to use)."""
+    from glassmind import tokenizer as tok_lib
+    from glassmind.data import tasks as task_lib
+    from glassmind.model import load_model
+    from glassmind.train.chat_runs import generate
+
+    model, tok = load_model(run).eval(), tok_lib.load(run)
+    eos = tok.special_tokens.get("<|endoftext|>", -1)
+    examples = task_lib.heldout_examples(per_task)
+    keep = model.config.context_length - max_new_tokens
+    prompts = [tok.encode(text)[-keep:] for text in task_lib.few_shot_prompts(examples, shots)]
+    replies = [cut_at_newline(tok, [i for i in r if i != eos])
+               for r in generate(model, prompts, eos, max_new_tokens=max_new_tokens)]
+    conf = np.exp(reply_logprobs(model, prompts, replies))
+    ok = np.array([task_lib.verify(e, tok.decode(r).split("\n")[0].strip()) for e, r in zip(examples, replies)])
+    return {"confidence": conf, "correct": ok, "tasks": [e.task for e in examples], "prompting": f"{shots}-shot"}
+
+
+def applies(run: Path) -> bool:
+    """Chat runs, and pre-trained decoders (3-shot); not encoders or encoder-decoders."""
+    import json
+
+    arch = json.loads((run / "config.json").read_text(encoding="utf-8")).get("arch", "decoder")
+    return is_chat_run(run) or arch == "decoder"
 
 
 def check(runs) -> None:
     """Refuse, before any work or output, runs this suite does not apply to."""
     if not runs:
-        raise GlassmindError("--suite calibration needs RUN: one or more chat runs (sft, dpo, ppo, grpo), in "
-                             "lifecycle order")
-    not_chat = [str(r) for r in runs if not is_chat_run(r)]
-    if not_chat:
-        raise GlassmindError(f"--suite calibration applies to chat runs (sft, dpo, ppo, grpo); {', '.join(not_chat)} "
-                             "has no chat tokens. For a pre-trained model use --suite hallucination (calibration "
-                             "on facts of known exposure) or --suite bias")
+        raise GlassmindError("--suite calibration needs RUN: one or more runs (a pre-trained decoder, sft, dpo, "
+                             "ppo, grpo), in lifecycle order")
+    bad = [str(r) for r in runs if not applies(r)]
+    if bad:
+        raise GlassmindError(f"--suite calibration applies to decoders (pre-trained, 3-shot; or chat runs); "
+                             f"{', '.join(bad)} is an encoder or encoder-decoder. For those use --suite bias "
+                             "(embeddings and pseudo-log-likelihood); --suite hallucination trains its own")
 
 
 def run(ctx: EvalContext) -> dict:
@@ -98,6 +135,7 @@ def run(ctx: EvalContext) -> dict:
         numbers[f"ECE, {stage}"] = output.fmt_ci(e, ci)
         numbers[f"accuracy, {stage}"] = float(m["correct"].mean())
         numbers[f"mean confidence, {stage}"] = float(m["confidence"].mean())
+        numbers[f"prompting, {stage}"] = m["prompting"]
     output.write_points(ctx.out, rows)
     fig, axes = output.figure(1, len(results), figsize=(3.8 * len(results), 3.8), squeeze=False)
     for ax, (stage, m, e, ci) in zip(axes[0], results):
@@ -114,6 +152,7 @@ def run(ctx: EvalContext) -> dict:
     plots = [output.save(fig, ctx.out / "reliability.png")]
     return output.write_result(
         ctx.out, suite="calibration", title="Calibration on the verifiable tasks",
-        what=(f"Greedy replies to {per_task} held-out prompts per built-in task; confidence = probability of the "
-              f"whole reply; ECE over {BINS} equal-width bins, 95% bootstrap interval (500 resamples)."),
+        what=(f"Greedy replies to {per_task} held-out prompts per built-in task (chat runs in their chat format, "
+              f"pre-trained decoders 3-shot in plain text); confidence = probability of the whole reply, its "
+              f"terminator included; ECE over {BINS} equal-width bins, 95% bootstrap interval (500 resamples)."),
         numbers=numbers, plots=plots, runs=[str(r) for r in ctx.runs], seconds=time.time() - t0, command=ctx.command)

@@ -23,7 +23,7 @@ from glassmind.evals.context import BUDGETS, EvalContext
 
 # suite -> (module, function, needs a run, one line)
 SUITES: dict[str, tuple[str, str, str]] = {
-    "calibration": ("glassmind.evals.calibration", "run", "ECE and reliability diagrams of chat runs on the verifiable tasks"),
+    "calibration": ("glassmind.evals.calibration", "run", "ECE and reliability diagrams of decoder runs (chat, or pre-trained 3-shot) on the verifiable tasks"),
     "hallucination": ("glassmind.evals.hallucination", "run", "accuracy, confident errors and abstention vs a fact's exposure"),
     "bias": ("glassmind.evals.bias", "run", "WEAT on the run's embeddings; templates, CrowS pairs, WEAT vs a planted rate"),
     "position": ("glassmind.evals.scratch", "position", "key-value retrieval at start/middle/end per positional encoding"),
@@ -76,11 +76,11 @@ def run_suite(suite: str, runs: list[Path], out: Path, budget: str = "quick", th
 
 
 def applicable(run_dir: Path) -> list[str]:
-    """The suites that apply to a run: calibration only to chat runs; the rest always (they train their
-    own small models, or read embeddings any decoder or encoder has)."""
-    from glassmind.evals.calibration import is_chat_run
+    """The suites that apply to a run: calibration to decoders (chat runs, and pre-trained ones 3-shot); the
+    rest always (they train their own small models, or read embeddings any decoder or encoder has)."""
+    from glassmind.evals.calibration import applies
 
-    return [s for s in SUITES if s != "calibration" or is_chat_run(run_dir)]
+    return [s for s in SUITES if s != "calibration" or applies(run_dir)]
 
 
 def quick_suite(run_dir, out_dir, *, threads: int | None = None) -> dict:
@@ -109,7 +109,7 @@ def _main(argv: list[str] | None) -> int:
     cfg = config_from_args(EvalConfig, ns)
     runs = check_runs(ns.runs)
     if cfg.suite == "calibration" and not runs:
-        raise GlassmindError("--suite calibration needs RUN (one or more chat runs)")
+        raise GlassmindError("--suite calibration needs RUN (one or more decoder runs: pre-trained, sft, dpo, ...)")
     out = Path(cfg.out) if cfg.out else (runs[0] / "evals" / cfg.suite if runs else Path("runs/evals") / cfg.suite)
     if cfg.suite == "bias" and not cfg.dose and not runs:
         raise GlassmindError("--suite bias --no-dose measures WEAT on RUN: give a run, or drop --no-dose")

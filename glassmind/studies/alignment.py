@@ -112,13 +112,8 @@ def base_accuracy(run: str | Path, examples, shots: int = 3) -> dict:
 
     model, tok = load_model(run), tok_lib.load(run)
     eos = tok.special_tokens.get("<|endoftext|>")
-    rng = random.Random(0)
-    prompts = []
-    for e in examples:
-        demos = rng.sample(task_lib.split_pool(e.task, "train"), shots)
-        text = "".join(f"Question: {d.prompt}\nAnswer: {d.answer}\n\n" for d in demos)
-        text += f"Question: {e.prompt}\nAnswer:"
-        prompts.append(tok.encode(text)[-(model.config.context_length - 12):])
+    prompts = [tok.encode(text)[-(model.config.context_length - 12):]
+               for text in task_lib.few_shot_prompts(examples, shots)]
     replies = generate(model, prompts, eos if eos is not None else -1, max_new_tokens=12)
     texts = [tok.decode([i for i in r if i != eos]).split("\n")[0].strip() for r in replies]
     return score_replies(examples, texts)

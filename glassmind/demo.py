@@ -239,8 +239,9 @@ def stage_autopsy(out: Path, budget: str) -> dict:
 
 
 def stage_evals(out: Path, budget: str) -> dict:
-    """The limits evals at their quick budget on the demo's final (DPO) run, then its report card. At the tiny
-    budget only calibration runs (the other suites train small models of their own: minutes)."""
+    """The limits evals at their quick budget on the demo's final (DPO) run, calibration through the lifecycle
+    (base 3-shot, SFT, PPO, DPO), then the DPO run's report card. At the tiny budget only calibration runs (the
+    other suites train small models of their own: minutes)."""
     from glassmind.evals.cli import quick_suite, run_suite
     from glassmind.evals.report import build
 
@@ -249,6 +250,12 @@ def stage_evals(out: Path, budget: str) -> dict:
         results = {"calibration": run_suite("calibration", [run], run / "evals" / "calibration", "quick")}
     else:
         results = quick_suite(run, run / "evals")
+    # calibration through the lifecycle: the base model (3-shot), SFT, PPO and DPO side by side
+    stages = [out / "pretrain-decoder"] + [out / "align" / s for s in ("sft", "ppo", "dpo")]
+    where = run / "evals" / "calibration-lifecycle"
+    results["calibration-lifecycle"] = run_suite(
+        "calibration", stages, where, "quick",
+        command=f"glassmind eval {' '.join(map(str, stages))} --suite calibration --budget quick --out {where}")
     for suite, result in results.items():
         if isinstance(result, dict) and result.get("error"):
             print(f"  {suite}: {result['error']}")

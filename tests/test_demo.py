@@ -68,4 +68,7 @@ def test_demo_runs_every_stage(tmp_path):
     assert "Results are in" in proc.stdout
     assert (out / "autopsy" / "autopsy-decoder" / "report.html").is_file()
     assert (out / "align" / "dpo" / "report" / "index.html").is_file() and "report card" in proc.stdout
+    life = json.loads((out / "align" / "dpo" / "evals" / "calibration-lifecycle" / "result.json").read_text())
+    assert [life["numbers"][f"prompting, {s}"] for s in ("pretrain-decoder", "sft", "ppo", "dpo")] == \
+        ["3-shot", "chat", "chat", "chat"]
     assert "glassmind serve " in proc.stdout and str(out / "align" / "sft") in proc.stdout

@@ -213,3 +213,39 @@ def test_rtuning_pipeline_runs_and_labels_follow_the_base_models_answers(tiny_ba
     assert rt["base_entropy_at_rtuned_coverage"]["answered"] >= rt["rtuned"]["answered"]
     for c in rt["curves"].values():
         assert len(c["curve"][0]) == rt["n_heldout"] and not math.isnan(c["aurc"])
+
+
+def test_the_hallucination_suite_runs_end_to_end_and_its_table_is_its_models_answers(tiny_base, tmp_path):
+    """The whole suite at the smoke budget (models that learn almost nothing; every stage runs): the exposure
+    model trained, scored, R-tuned, and a given run read back. Each exposure row's accuracy is recomputed
+    here from the trained model's own log-probabilities, so a row scored on the wrong probes or a level
+    dropped fails, and the given run's read-back rows account for every fact the read-back scores."""
+    import csv
+
+    from glassmind.evals import hallucination, toy
+    from glassmind.evals.cli import run_suite
+    from glassmind.evals.context import BUDGETS
+
+    base, _ = tiny_base
+    out = tmp_path / "h"
+    result = run_suite("hallucination", [base], out, budget="smoke", threads=1)
+    assert (out / "card.md").exists() and (out / "hallucination.png").exists()
+    assert any(p.endswith("readback.png") for p in result["plots"]), result["plots"]
+    rows = list(csv.DictReader((out / "points.csv").open()))
+    per_level = BUDGETS["smoke"]["probes"]
+    _, probes = gen.exposure_world(per_level=per_level)
+    model, tok = toy.load(out / "models" / "exposure")
+    lps = np.array(toy.candidate_logprobs(model, tok, [p.prompt for p in probes], [p.candidates for p in probes]))
+    right = np.array([p.candidates[int(i)] == p.answer for p, i in zip(probes, lps.argmax(1))])
+    expo = np.array([p.condition["exposure"] for p in probes])
+    levels = [r for r in rows if r["exposure"]]
+    assert [int(r["exposure"]) for r in levels] == [0, 1, 2, 4, 8, 16]
+    for r in levels:
+        m = expo == int(r["exposure"])
+        assert int(r["n"]) == per_level == m.sum()
+        assert float(r["accuracy"]) == pytest.approx(right[m].mean(), abs=1e-6)
+    assert {r["signal"] for r in rows if r["signal"]} == {"entropy", "logprob", "agreement"}
+    assert any(r["heldout_model"].startswith("R-tuned") for r in rows)
+    readback = [r for r in rows if r.get("readback_run")]
+    assert readback and {r["readback_run"] for r in readback} == {str(base)}
+    assert sum(int(r["n"]) for r in readback) == len(hallucination.readback_facts(per_level))

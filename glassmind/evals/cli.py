@@ -1,4 +1,4 @@
-"""`glassmind eval [RUN ...] --suite NAME [--budget quick|full] [--out DIR]`: one suite of the limits evals.
+"""`glassmind eval [RUN ...] --suite NAME [--budget quick|full|smoke] [--out DIR]`: one suite of the limits evals.
 
     glassmind eval runs/demo/align/sft runs/demo/align/dpo --suite calibration   # one panel per stage
     glassmind eval runs/minilm --suite bias         # WEAT on the converted all-MiniLM-L6-v2 + planted dose
@@ -36,7 +36,7 @@ SUITES: dict[str, tuple[str, str, str]] = {
 class EvalConfig:
     suite: str = config_field("calibration", "which eval: " + "; ".join(f"{k}: {v[2]}" for k, v in SUITES.items()),
                               choices=tuple(SUITES))
-    budget: str = config_field("quick", "quick (minutes, small probes) or full", choices=tuple(BUDGETS))
+    budget: str = config_field("quick", "quick (minutes, small probes), full, or smoke (seconds: checks the pipeline; its models learn nothing)", choices=tuple(BUDGETS))
     out: str | None = config_field(None, "output directory (default RUN/evals/SUITE, or runs/evals/SUITE)")
     threads: int | None = config_field(None, "CPU threads for the models this eval trains and runs")
     dose: bool = config_field(True, "bias: also train the planted-bias dose-response models (--no-dose: WEAT on the runs only)")

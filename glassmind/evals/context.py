@@ -11,6 +11,8 @@ BUDGETS = {
               # the pronoun association forms near 1000 steps in some trainings and not in others (README)
               "bias_steps": 2000},
     "full": {"steps": 2000, "batch_tokens": 2048, "probes": 120, "rtuning_steps": 600, "bias_steps": 4000},
+    # a smoke test of a suite's whole pipeline (tests): models that learn nothing, every stage still runs
+    "smoke": {"steps": 8, "batch_tokens": 256, "probes": 40, "rtuning_steps": 4, "bias_steps": 8},
 }
 
 

@@ -29,12 +29,31 @@ def test_arithmetic_verdict_refuses_to_judge_generalisation_of_an_unlearned_task
     rev = [_row(k, digits_format="reversed", operand_digits=d) for d, k in ((1, 40), (2, 38), (3, 30), (4, 12))]
     got = verdict.arithmetic(plain + rev, 3)
     assert "plain digits: addition not learned" in got[0]
-    assert "4 digits (beyond training): reversed is better" in got[1]  # 12/40 against 0/40
+    assert got[1].startswith("reversed digits: learned at trained lengths (1 digits 1.00") and "above zero at 4" in got[1]
+    assert "3 digits (trained): reversed is better" in got[2]  # 30/40 against 0/40
+    assert "4 digits (beyond training): reversed is better" in got[3]  # 12/40 against 0/40
     rev_close = [_row(k, digits_format="reversed", operand_digits=d) for d, k in ((1, 40), (2, 38), (3, 30), (4, 2))]
     got = verdict.arithmetic(plain + rev_close, 3)
     assert "no difference shown" in got[-1]  # 2/40 against 0/40: intervals overlap
+    assert "above zero at 4 digits (0.05" in got[1]  # above zero, yet not shown better than plain
     assert verdict.arithmetic([_row(0, digits_format=f, operand_digits=d) for f in ("plain", "reversed")
                                for d in (1, 4)], 3)[-1].startswith("reversed digits: addition not learned")
+
+
+def test_arithmetic_verdict_compares_every_trick_with_the_plain_baseline():
+    rows = [_row(k, digits_format=f, operand_digits=d) for f, ks in
+            (("plain", (30, 20, 5, 0, 0)), ("reversed", (40, 40, 37, 0, 0)), ("hints", (40, 40, 40, 25, 0)))
+            for d, k in zip((1, 2, 3, 4, 5), ks)]
+    got = verdict.arithmetic(rows, 3)
+    assert [g.split(" digits")[0] for g in got[:3]] == ["plain", "reversed", "hints"]
+    assert "no length generalisation" in got[0] and "no length generalisation" in got[1]
+    assert "above zero at 4 digits" in got[2] and "5 digits" not in got[2]  # 0/40 at 5 is not above zero
+    tail = got[3:]
+    assert [t.split(":")[0] for t in tail] == ["3 digits (trained)", "4 digits (beyond training)",
+                                               "5 digits (beyond training)"] * 2
+    assert "3 digits (trained): reversed is better (plain 0.12" in tail[0]  # 37/40 against 5/40
+    assert "4 digits (beyond training): no difference shown (plain" in tail[1]  # reversed vs plain: 0 and 0
+    assert "4 digits (beyond training): hints is better (plain" in tail[4]
 
 
 def test_dose_verdict_needs_the_gap_intervals_apart():

@@ -136,19 +136,49 @@ def test_position_probes_place_the_asked_record_where_they_say():
         assert records[index][1] == p.answer
 
 
-def test_arithmetic_test_sums_are_unseen_and_of_the_promised_length():
-    docs, probes = gen.arithmetic_data(train_digits=2, test_digits=(1, 2, 3), n_train=500, n_test=10, reverse=True)
-    lines = {line.strip() for d in docs for line in d.split(";") if line.strip()}
+@pytest.mark.parametrize("fmt", ["plain", "reversed", "hints"])
+def test_arithmetic_test_sums_are_unseen_and_of_the_promised_length(fmt):
+    docs, probes = gen.arithmetic_data(train_digits=2, test_digits=(1, 2, 3), n_train=500, n_test=10, fmt=fmt)
+    lines = {line for d in docs for line in d.split(";") if line}
+    assert len(lines) > 400
+
+    def value(s):  # read a number back, independently of gen.number
+        if fmt == "plain":
+            return int(s), len(s)
+        if fmt == "hints":
+            letters, digits_ = s[0::2], s[1::2]
+            start = "abcdefghij".index(letters[0])
+            assert letters == "abcdefghij"[start:start + len(digits_)]  # consecutive hints from one offset
+            s = digits_
+        return int(s[::-1]), len(s)
+
     for p in probes:
-        a, b = p.prompt.rstrip(" =").split(" + ")
-        assert len(a.split()) == len(b.split()) == p.condition["digits"]
-        assert f"{p.prompt} {p.answer}" not in lines
-        # reversed digits: least significant first
-        A, B = int(a.replace(" ", "")[::-1]), int(b.replace(" ", "")[::-1])
-        assert p.answer.replace(" ", "")[::-1] == str(A + B)
-    for line in itertools.islice(lines, 50):
-        a, rest = line.split(" + ")
-        assert len(a.split()) <= 2
+        assert p.prompt.startswith(";") and p.prompt.endswith("=")
+        a, b = p.prompt[1:-1].split("+")
+        (A, la), (B, lb) = value(a), value(b)
+        assert la == lb == p.condition["digits"] and (A, B) == (p.condition["a"], p.condition["b"])
+        assert value(p.answer)[0] == A + B
+        assert f"{p.prompt[1:]}{p.answer}" not in lines
+        if fmt == "hints":
+            assert a[0] == b[0] == p.answer[0] == "a"  # tests start at the units' letter
+    offsets = set()
+    for line in lines:
+        left, s = line.split("=")
+        a, b = left.split("+")
+        (A, la), (B, lb) = value(a), value(b)
+        assert value(s)[0] == A + B and la <= 2 and lb <= 2
+        if fmt == "hints":
+            assert a[0] == b[0] == s[0]  # one offset per line: the same letter marks the same significance
+            offsets.add(a[0])
+    if fmt == "hints":  # every offset 0 .. len(HINTS) - train_digits - 1 is used
+        assert offsets == set("abcdefghij"[:len(gen.HINTS) - 2])
+
+
+def test_every_digits_format_states_the_same_additions():
+    same = [gen.arithmetic_data(train_digits=2, test_digits=(1, 3), n_train=50, n_test=5, fmt=f) for f in gen.ARITH_FORMATS]
+    assert len({tuple((p.condition["a"], p.condition["b"]) for p in probes) for _, probes in same}) == 1
+    assert [int(line.split("+")[0]) for line in same[0][0][0].split(";") if line] == [
+        int(line.split("+")[0][::-1]) for line in same[1][0][0].split(";") if line]
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.3, 0.5])

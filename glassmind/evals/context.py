@@ -9,10 +9,14 @@ from pathlib import Path
 BUDGETS = {
     "quick": {"steps": 500, "batch_tokens": 1024, "probes": 40, "rtuning_steps": 300,
               # the pronoun association forms near 1000 steps in some trainings and not in others (README)
-              "bias_steps": 2000},
-    "full": {"steps": 2000, "batch_tokens": 2048, "probes": 120, "rtuning_steps": 600, "bias_steps": 4000},
+              "bias_steps": 2000,
+              # addition is learned near step 4000 at d_model 64 (README); 1000 steps learned nothing
+              "arith_steps": 4000},
+    "full": {"steps": 2000, "batch_tokens": 2048, "probes": 120, "rtuning_steps": 600, "bias_steps": 4000,
+             "arith_steps": 8000},
     # a smoke test of a suite's whole pipeline (tests): models that learn nothing, every stage still runs
-    "smoke": {"steps": 8, "batch_tokens": 256, "probes": 40, "rtuning_steps": 4, "bias_steps": 8},
+    "smoke": {"steps": 8, "batch_tokens": 256, "probes": 40, "rtuning_steps": 4, "bias_steps": 8,
+              "arith_steps": 8},
 }
 
 

@@ -144,25 +144,48 @@ def reversal_data(n_pairs: int = 60, n_bridge: int = 60, augment: bool = False, 
 # arithmetic length generalisation
 
 
-def digits(n: int, reverse: bool) -> str:
+ARITH_FORMATS = ("plain", "reversed", "hints")
+HINTS = "abcdefghij"  # index hints: the letter before a digit names its significance (a = units, b = tens, ...)
+
+
+def number(n: int, fmt: str, offset: int = 0) -> str:
+    """`n` as the arithmetic suite writes it, one character (one byte token) per digit: plain
+    (most significant first), reversed (least significant first, Lee et al. 2023: the carry then flows in
+    generation order) or hints (reversed, each digit preceded by its index hint, HINTS[offset + significance]:
+    Zhou et al. 2023/2024's index hints, a position-coupling trick written into the data; the same letter marks
+    the digits an answer digit is computed from, so a head can find them by content, not by distance)."""
     s = str(n)
-    return " ".join(s[::-1] if reverse else s)
+    if fmt == "plain":
+        return s
+    if fmt == "reversed":
+        return s[::-1]
+    if fmt == "hints":
+        if offset + len(s) > len(HINTS):
+            raise ValueError(f"{len(s)} digits at hint offset {offset} need more than {len(HINTS)} hint letters")
+        return "".join(HINTS[offset + i] + c for i, c in enumerate(s[::-1]))
+    raise ValueError(f"unknown digits format {fmt!r}: use one of {ARITH_FORMATS}")
 
 
-def addition_line(a: int, b: int, reverse: bool) -> str:
-    return f"{digits(a, reverse)} + {digits(b, reverse)} = {digits(a + b, reverse)}"
+def addition_line(a: int, b: int, fmt: str, offset: int = 0) -> str:
+    return f"{number(a, fmt, offset)}+{number(b, fmt, offset)}={number(a + b, fmt, offset)}"
 
 
 def _operand(rng: random.Random, nd: int) -> int:
     return rng.randint(10 ** (nd - 1) if nd > 1 else 0, 10 ** nd - 1)
 
 
-def arithmetic_data(train_digits: int = 3, test_digits=(1, 2, 3, 4, 5), reverse: bool = False,
+def arithmetic_data(train_digits: int = 3, test_digits=(1, 2, 3, 4, 5), fmt: str = "plain",
                     n_train: int = 20000, n_test: int = 40, seed: int = 0) -> tuple[list[str], list[Probe]]:
-    """Additions of two operands of 1..train_digits digits (each length equally likely) for training; test
-    additions of two `d`-digit operands for each d in test_digits. `reverse` writes every number least
-    significant digit first (Lee et al. 2023; the carry then flows in generation order). Test sums never
-    occur as training lines."""
+    """Additions of two operands of 1..train_digits digits (each length equally likely) for training, lines
+    joined by ';' (8 to a document); test additions of two `d`-digit operands for each d in test_digits, as the
+    prompt ';A+B=' (a line starts after a ';' in training) and the sum as answer. Test sums never occur as
+    training lines, and the test additions are the same in every format. With hints, each training line starts
+    its letters at a random offset (0 .. len(HINTS) - train_digits - 1), so every letter is seen in every role
+    and a test number longer than any trained one (hints from 'a') uses no unseen letter."""
+    if fmt not in ARITH_FORMATS:
+        raise ValueError(f"unknown digits format {fmt!r}: use one of {ARITH_FORMATS}")
+    if max(test_digits) + 1 > len(HINTS) or train_digits + 1 > len(HINTS):
+        raise ValueError(f"sums of more than {len(HINTS) - 1} digits have no index hints here")
     rng = random.Random(f"arith:{seed}")
     tests = []
     seen = set()
@@ -170,14 +193,16 @@ def arithmetic_data(train_digits: int = 3, test_digits=(1, 2, 3, 4, 5), reverse:
         for _ in range(n_test):
             a, b = _operand(rng, d), _operand(rng, d)
             seen.add((a, b))
-            tests.append(Probe(f"{digits(a, reverse)} + {digits(b, reverse)} =", digits(a + b, reverse), (),
-                               {"digits": d, "in_distribution": d <= train_digits}))
+            tests.append(Probe(f";{number(a, fmt)}+{number(b, fmt)}=", number(a + b, fmt), (),
+                               {"digits": d, "in_distribution": d <= train_digits, "a": a, "b": b}))
     lines = []
+    hint_rng = random.Random(f"arith-hints:{seed}")  # its own stream: the sums are the same in every format
     while len(lines) < n_train:
         a, b = _operand(rng, rng.randint(1, train_digits)), _operand(rng, rng.randint(1, train_digits))
+        offset = hint_rng.randint(0, len(HINTS) - train_digits - 1)
         if (a, b) not in seen:
-            lines.append(addition_line(a, b, reverse))
-    docs = [" ; ".join(lines[i:i + 8]) + " ;" for i in range(0, len(lines), 8)]
+            lines.append(addition_line(a, b, fmt, offset if fmt == "hints" else 0))
+    docs = [";".join(lines[i:i + 8]) + ";" for i in range(0, len(lines), 8)]
     return docs, tests
 
 

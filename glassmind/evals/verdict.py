@@ -41,11 +41,13 @@ def position(rows: Sequence[dict], chance: float, n_pairs: int) -> list[str]:
 
 
 def arithmetic(rows: Sequence[dict], trained_max: int) -> list[str]:
-    """Whether addition was learned at the trained lengths, and then whether reversed digits generalise
-    further than plain ones beyond them."""
+    """Per digits format: whether addition was learned at the trained lengths and whether any accuracy
+    beyond them is above zero; then each other format against the first (the plain baseline) at the longest
+    trained length and at every length beyond training."""
     out = []
     fmts = list(dict.fromkeys(r["digits_format"] for r in rows))
     learned = {}
+    beyond = sorted({r["operand_digits"] for r in rows if r["operand_digits"] > trained_max})
     for f in fmts:
         inside = [r for r in rows if r["digits_format"] == f and r["operand_digits"] <= trained_max]
         best = max(inside, key=lambda r: r["ci_lo"])
@@ -53,17 +55,29 @@ def arithmetic(rows: Sequence[dict], trained_max: int) -> list[str]:
         if not learned[f]:
             out.append(f"{f} digits: addition not learned even at trained lengths (best {best['operand_digits']}-digit "
                        f"accuracy {_fmt(best)}, interval reaches 0): length generalisation cannot be judged.")
-    beyond = sorted({r["operand_digits"] for r in rows if r["operand_digits"] > trained_max})
-    if len(fmts) == 2 and any(learned.values()):
-        for d in beyond:
-            a, b = (next(r for r in rows if r["digits_format"] == f and r["operand_digits"] == d) for f in fmts)
+            continue
+        past = [r for r in rows if r["digits_format"] == f and r["operand_digits"] > trained_max]
+        above = [r for r in past if r["ci_lo"] > 0]
+        out.append(f"{f} digits: learned at trained lengths (" + ", ".join(
+                       f"{r['operand_digits']} digits {_fmt(r)}" for r in inside) + "); beyond them " + (
+                       "above zero at " + ", ".join(f"{r['operand_digits']} digits ({_fmt(r)})" for r in above)
+                       if above else "no accuracy above zero (" + ", ".join(
+                           f"{r['operand_digits']} digits {_fmt(r)}" for r in past) + "): no length generalisation")
+                   + ".")
+    base = fmts[0]
+    for f in fmts[1:]:
+        if not (learned[f] or learned[base]):
+            continue
+        for d in [trained_max, *beyond]:
+            a, b = (next(r for r in rows if r["digits_format"] == g and r["operand_digits"] == d) for g in (base, f))
+            where = "trained" if d <= trained_max else "beyond training"
             if apart((a["ci_lo"], a["ci_hi"]), (b["ci_lo"], b["ci_hi"])):
                 hi = a if a["accuracy"] > b["accuracy"] else b
-                out.append(f"{d} digits (beyond training): {hi['digits_format']} is better "
-                           f"({fmts[0]} {_fmt(a)}, {fmts[1]} {_fmt(b)}; intervals apart).")
+                out.append(f"{d} digits ({where}): {hi['digits_format']} is better "
+                           f"({base} {_fmt(a)}, {f} {_fmt(b)}; intervals apart).")
             else:
-                out.append(f"{d} digits (beyond training): no difference shown ({fmts[0]} {_fmt(a)}, "
-                           f"{fmts[1]} {_fmt(b)}; intervals overlap).")
+                out.append(f"{d} digits ({where}): no difference shown ({base} {_fmt(a)}, "
+                           f"{f} {_fmt(b)}; intervals overlap).")
     return out
 
 

@@ -3,7 +3,6 @@ promise. No model is trained here (the suites' training is exercised by `glassmi
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
 from collections import Counter

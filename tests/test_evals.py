@@ -124,15 +124,45 @@ def test_reversal_data_never_states_a_test_fact_in_reverse_unless_augmented():
 
 
 def test_position_probes_place_the_asked_record_where_they_say():
-    _, probes = gen.position_data(n_train=1, test_pairs=(5, 8), n_test=4)
-    for p in probes:
-        records = re.findall(r"([A-Z][a-z]+) has (\w+)\.", p.prompt)
-        asked = re.search(r"what does ([A-Z][a-z]+) have", p.prompt).group(1)
-        index = [k for k, _ in records].index(asked)
-        n = p.condition["n_pairs"]
+    from glassmind.evals import position as pos
+
+    words = pos.vocabulary()
+    items = pos.probes(4)
+    assert len(items) == 4 * len(pos.TEST_RECORDS) * len(pos.PLACES)
+    for p in items:
+        text = " ".join(words[i] for i in p["ids"])
+        records = re.findall(r"([A-Z][a-z]+) ([a-z]+) \.", text)
+        asked = text.split()[-1]
+        n = p["n_records"]
         assert len(records) == n and len({k for k, _ in records}) == n
-        assert index == {"start": 0, "middle": n // 2, "end": n - 1}[p.condition["position"]]
-        assert records[index][1] == p.answer
+        index = [k for k, _ in records].index(asked)
+        assert index == {"start": 0, "middle": n // 2, "end": n - 1}[p["position"]] == p["index"]
+        assert records[index][1] == words[p["answer"]]
+
+
+def test_position_training_rows_put_the_loss_on_lookups_and_determined_copies_only():
+    import random
+
+    from glassmind.evals import position as pos
+
+    rng = random.Random(0)
+    for n in (1, 5, 16):
+        ids, tgt = pos.lookup_row(rng, n)
+        assert len(ids) == len(tgt) == 6 * n
+        records = {ids[3 * i]: ids[3 * i + 1] for i in range(n)}
+        asked = [ids[t] for t in range(len(ids)) if tgt[t] != -100]
+        assert sorted(asked) == sorted(records)  # every key asked once, after all records
+        assert all(t >= 3 * n for t in range(len(ids)) if tgt[t] != -100)
+        assert all(tgt[t] == records[ids[t]] == ids[t + 1] for t in range(len(ids)) if tgt[t] != -100)
+    for _ in range(20):
+        ids, tgt = pos.copy_row(rng)
+        marked = [t for t in range(len(ids)) if tgt[t] != -100]
+        # a target is set exactly where the next token has occurred before at the period's distance
+        m = marked[0] + 1
+        assert all(tgt[t] == ids[t + 1] == ids[t + 1 - m] for t in marked)
+        assert marked == list(range(m - 1, len(ids) - 1))
+    ids, tgt = pos.batch(rng, rows=4)
+    assert ids.shape == (4, pos.CONTEXT) and int(ids.max()) < pos.VOCAB
 
 
 @pytest.mark.parametrize("fmt", ["plain", "reversed", "hints"])
@@ -386,3 +416,71 @@ def test_abstention_signals_on_a_hand_worked_distribution():
     assert s["logprob"] == pytest.approx([math.log(0.35), math.log(0.1)])  # the sequence's own log-probability
     # a one-hot distribution always agrees with itself
     assert signals(np.log([[1.0, 1e-30]]))["agreement"][0] == 1.0
+
+
+def test_train_many_runs_a_suites_models_side_by_side_in_order_and_splits_the_threads(monkeypatch):
+    """Two cores: two models train at once with one torch thread each, results come back in the jobs'
+    order whatever finishes first, and one core (threads=1) trains them one after another."""
+    import threading
+    import time as _time
+
+    from glassmind.evals import toy
+
+    lock, running, seen = threading.Lock(), [0], []
+
+    def fake_train(out, docs, *, threads=None, log=print, **kw):
+        with lock:
+            running[0] += 1
+            seen.append((out, threads, running[0]))
+        _time.sleep(0.3 if out == "a" else 0.05)  # the first job finishes last
+        with lock:
+            running[0] -= 1
+        return f"run-{out}"
+
+    monkeypatch.setattr(toy, "train", fake_train)
+    assert toy.train_many([dict(out=o, docs=[]) for o in "ab"], threads=2, log=lambda *a: None) == ["run-a", "run-b"]
+    assert {t for _, t, _ in seen} == {1} and max(n for *_, n in seen) == 2
+    seen.clear()
+    assert toy.train_many([dict(out=o, docs=[]) for o in "abc"], threads=1, log=lambda *a: None) == [
+        "run-a", "run-b", "run-c"]
+    assert max(n for *_, n in seen) == 1 and {t for _, t, _ in seen} == {1}
+    seen.clear()
+    toy.train_many([dict(out="a", docs=[])], threads=2, log=lambda *a: None)
+    assert seen[0][1] == 2  # a lone model gets both cores
+
+
+def test_train_many_raises_a_failed_training_after_the_others_finish(monkeypatch):
+    from glassmind.common import GlassmindError
+    from glassmind.evals import toy
+
+    done = []
+
+    def fake_train(out, docs, *, threads=None, log=print, **kw):
+        if out == "bad":
+            raise GlassmindError("training bad failed")
+        done.append(out)
+        return out
+
+    monkeypatch.setattr(toy, "train", fake_train)
+    with pytest.raises(GlassmindError, match="training bad failed"):
+        toy.train_many([dict(out=o, docs=[]) for o in ("bad", "good")], threads=2, log=lambda *a: None)
+    assert done == ["good"]
+
+
+def test_the_position_suite_runs_end_to_end_and_reuses_its_models(tmp_path, capsys):
+    import json
+
+    from glassmind.evals.cli import run_suite
+
+    out = tmp_path / "position"
+    res = run_suite("position", [], out, budget="smoke", threads=1)
+    rows = (out / "points.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 * 3 * 3  # header, encodings x lengths x places
+    assert (out / "position.png").stat().st_size > 0 and len(res["runs"]) == 3
+    for run in res["runs"]:
+        curve = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+        assert curve[-1]["step"] == 8 and (tmp_path / run).exists()
+    assert any("records" in n for n in res["notes"])
+    capsys.readouterr()
+    run_suite("position", [], out, budget="smoke", threads=1)
+    assert "3 finished (skipped)" in capsys.readouterr().out

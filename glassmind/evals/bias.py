@@ -20,7 +20,6 @@ dose-response.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -107,10 +106,11 @@ def run(ctx: EvalContext) -> dict:
     # dose-response
     rates = () if not ctx.dose else (0.0, 0.5) if ctx.budget == "quick" else (0.0, 0.1, 0.3, 0.5)
     dose_rows = []
-    for rate in rates:
-        docs = gen.planted_bias_corpus(rate, n_sentences=12000)
-        d = toy.train(ctx.work / f"bias-{int(rate * 100)}", docs, steps=ctx.b["bias_steps"], context=64,
-                      batch_tokens=ctx.b["batch_tokens"], threads=ctx.threads, log=ctx.log)
+    dose_runs = toy.train_many([dict(out=ctx.work / f"bias-{int(rate * 100)}",
+                                     docs=gen.planted_bias_corpus(rate, n_sentences=12000), steps=ctx.b["bias_steps"],
+                                     context=64, batch_tokens=ctx.b["batch_tokens"]) for rate in rates],
+                               threads=ctx.threads, log=ctx.log)
+    for rate, d in zip(rates, dose_runs):
         runs.append(str(d))
         model, tok = toy.load(d)
         m = {"part": "dose", "planted_rate": rate, **dose_measures(model, tok)}

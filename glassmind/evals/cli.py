@@ -26,7 +26,7 @@ SUITES: dict[str, tuple[str, str, str]] = {
     "calibration": ("glassmind.evals.calibration", "run", "ECE and reliability diagrams of decoder runs (chat, or pre-trained 3-shot) on the verifiable tasks"),
     "hallucination": ("glassmind.evals.hallucination", "run", "accuracy, confident errors and abstention vs a fact's exposure"),
     "bias": ("glassmind.evals.bias", "run", "WEAT on the run's embeddings; templates, CrowS pairs, WEAT vs a planted rate"),
-    "position": ("glassmind.evals.scratch", "position", "key-value retrieval at start/middle/end per positional encoding"),
+    "position": ("glassmind.evals.position", "run", "key-value lookup at start/middle/end per positional encoding"),
     "reversal": ("glassmind.evals.scratch", "reversal", "the reversal curse with and without reverse-augmented data"),
     "arithmetic": ("glassmind.evals.scratch", "arithmetic", "addition length generalisation, plain vs reversed digits"),
 }
@@ -38,7 +38,8 @@ class EvalConfig:
                               choices=tuple(SUITES))
     budget: str = config_field("quick", "quick (minutes, small probes), full, or smoke (seconds: checks the pipeline; its models learn nothing)", choices=tuple(BUDGETS))
     out: str | None = config_field(None, "output directory (default RUN/evals/SUITE, or runs/evals/SUITE)")
-    threads: int | None = config_field(None, "CPU threads for the models this eval trains and runs")
+    threads: int | None = config_field(None, "CPU threads the eval may use in all (default: every core): the models a "
+                                                   "suite trains run side by side, one per core")
     dose: bool = config_field(True, "bias: also train the planted-bias dose-response models (--no-dose: WEAT on the runs only)")
 
 

@@ -2,7 +2,6 @@
 pretrain recipe and measures one failure with closed-form ground truth. They need no run: with RUN given they
 write under RUN/evals/<suite>/ so the run's report card shows them.
 
-    position     "lost in the middle" (Liu et al. 2023) per positional encoding
     reversal     the reversal curse (Berglund et al. 2023), with and without reverse-augmented data
     arithmetic   addition length generalisation, plain vs reversed digits (Lee et al. 2023)
 """
@@ -29,58 +28,15 @@ def _acc_row(ok: list[bool], **cond) -> dict:
     return {**cond, "n": n, "correct": k, "accuracy": k / max(n, 1), "ci_lo": lo, "ci_hi": hi}
 
 
-def position(ctx: EvalContext) -> dict:
-    t0 = time.time()
-    n_probe = ctx.b["probes"]
-    test_pairs = (4, 8, 16)
-    docs, probes = gen.position_data(train_pairs=(4, 16), n_train=3000, test_pairs=test_pairs, n_test=n_probe)
-    rows = []
-    for pe in ("sinusoidal", "learned", "rope"):
-        run = toy.train(ctx.work / f"pos-{pe}", docs, positional=pe, steps=ctx.b["steps"], context=192,
-                        batch_tokens=ctx.b["batch_tokens"], threads=ctx.threads, log=ctx.log)
-        model, tok = toy.load(run)
-        ok = _choose(model, tok, probes)
-        for n in test_pairs:
-            for where in ("start", "middle", "end"):
-                sel = [o for o, p in zip(ok, probes) if p.condition["n_pairs"] == n and p.condition["position"] == where]
-                rows.append(_acc_row(sel, positional=pe, n_pairs=n, position=where))
-    output.write_points(ctx.out, rows)
-    fig, axes = output.figure(1, 3, figsize=(12, 3.6), sharey=True)
-    for ax, pe in zip(axes, ("sinusoidal", "learned", "rope")):
-        for n in test_pairs:
-            r = [x for x in rows if x["positional"] == pe and x["n_pairs"] == n]
-            ax.errorbar([0, 1, 2], [x["accuracy"] for x in r], yerr=output.errbars(
-                [x["accuracy"] for x in r], [(x["ci_lo"], x["ci_hi"]) for x in r]), marker="o", capsize=3,
-                label=f"{n} records")
-        ax.axhline(1 / len(gen.FOODS), color="gray", ls=":", label="chance")
-        ax.set_xticks([0, 1, 2], ["start", "middle", "end"])
-        ax.set_title(pe)
-        ax.set_ylim(0, 1.05)
-    axes[0].set_ylabel("retrieval accuracy (95% Wilson)")
-    axes[0].legend(fontsize=8)
-    plots = [output.save(fig, ctx.out / "position.png")]
-    numbers = {}
-    for pe in ("sinusoidal", "learned", "rope"):
-        for where in ("start", "middle", "end"):
-            r = [x for x in rows if x["positional"] == pe and x["n_pairs"] == max(test_pairs) and x["position"] == where][0]
-            numbers[f"{pe} {where} ({max(test_pairs)} records)"] = output.fmt_ci(r["accuracy"], (r["ci_lo"], r["ci_hi"]))
-    return output.write_result(
-        ctx.out, suite="position", title="Position bias: key-value retrieval by place in the context",
-        what=(f"Decoders (d_model 64, 2 layers, {ctx.b['steps']} steps) trained on contexts of 4-16 'Name has food.' "
-              "records followed by a question about one; tested with the record at the start, middle or end of "
-              f"contexts of {', '.join(map(str, test_pairs))} records; chance is 1/{len(gen.FOODS)}."),
-        numbers=numbers, plots=plots, runs=[str(ctx.work / f'pos-{pe}') for pe in ('sinusoidal', 'learned', 'rope')],
-        seconds=time.time() - t0, command=ctx.command,
-        notes=verdict.position(rows, 1 / len(gen.FOODS), max(test_pairs)))
-
-
 def reversal(ctx: EvalContext) -> dict:
     t0 = time.time()
     rows = []
-    for augment in (False, True):
-        docs, probes = gen.reversal_data(n_pairs=ctx.b["probes"], n_bridge=60, augment=augment, repeats=20)
-        name = "rev-augmented" if augment else "rev-forward-only"
-        run = toy.train(ctx.work / name, docs, steps=ctx.b["steps"], batch_tokens=ctx.b["batch_tokens"], threads=ctx.threads, log=ctx.log)
+    data = {augment: gen.reversal_data(n_pairs=ctx.b["probes"], n_bridge=60, augment=augment, repeats=20)
+            for augment in (False, True)}
+    runs = toy.train_many([dict(out=ctx.work / ("rev-augmented" if augment else "rev-forward-only"), docs=docs,
+                                steps=ctx.b["steps"], batch_tokens=ctx.b["batch_tokens"])
+                           for augment, (docs, _) in data.items()], threads=ctx.threads, log=ctx.log)
+    for (augment, (_, probes)), run in zip(data.items(), runs):
         model, tok = toy.load(run)
         ok = _choose(model, tok, probes)
         for d in ("forward", "reverse"):
@@ -115,12 +71,13 @@ def arithmetic(ctx: EvalContext) -> dict:
     t0 = time.time()
     test_digits = (1, 2, 3, 4, 5)
     rows = []
-    for fmt in gen.ARITH_FORMATS:
-        docs, probes = gen.arithmetic_data(train_digits=3, test_digits=test_digits, fmt=fmt,
-                                           n_train=20000, n_test=ctx.b["probes"])
-        # vocab 257: the 256 bytes and <|endoftext|>, no merges, so every digit, sign and hint is one token
-        run = toy.train(ctx.work / f"add-{fmt}", docs, steps=ctx.b["arith_steps"], context=64, vocab_size=257,
-                        batch_tokens=ctx.b["batch_tokens"], threads=ctx.threads, log=ctx.log)
+    data = {fmt: gen.arithmetic_data(train_digits=3, test_digits=test_digits, fmt=fmt, n_train=20000,
+                                     n_test=ctx.b["probes"]) for fmt in gen.ARITH_FORMATS}
+    # vocab 257: the 256 bytes and <|endoftext|>, no merges, so every digit, sign and hint is one token
+    runs = toy.train_many([dict(out=ctx.work / f"add-{fmt}", docs=docs, steps=ctx.b["arith_steps"], context=64,
+                                vocab_size=257, batch_tokens=ctx.b["batch_tokens"])
+                           for fmt, (docs, _) in data.items()], threads=ctx.threads, log=ctx.log)
+    for (fmt, (_, probes)), run in zip(data.items(), runs):
         model, tok = toy.load(run)
         answers = toy.greedy(model, tok, [p.prompt for p in probes], max_new_tokens=2 * (max(test_digits) + 1) + 1,
                              stop=";")

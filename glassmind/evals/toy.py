@@ -2,7 +2,9 @@
 
 train(...) writes the documents to JSONL and runs the pretrain recipe as a subprocess
 (`python -m glassmind pretrain ...`), exactly as a person would; a run whose data and flags are unchanged
-is reused (a `.eval_stamp` holds their hash), so a repeated eval does not retrain.
+is reused (a `.eval_stamp` holds their hash), so a repeated eval does not retrain. train_many(...) trains a
+suite's independent models side by side, one per core (glassmind.studies.sweep.plan_workers): these models
+are too small for a second thread to help one of them, so two cores train two of them in about the time of one.
 
 score_candidates(...) picks a probe's answer from its closed candidate set by the model's log-probability
 of ' ' + candidate after the prompt (the sum over the candidate's tokens): for the short answers of these
@@ -64,6 +66,30 @@ def train(out: Path, docs: Sequence[str], *, positional: str = "rope", steps: in
     log(f"  {done[-1] if done else 'done'} ({time.time() - t0:.0f} s)")
     atomic_write_text(stamp_file, stamp)
     return out
+
+
+def train_many(jobs: Sequence[dict], *, threads: int | None = None, log=print) -> list[Path]:
+    """Train every job (the keyword arguments of `train`, `out` and `docs` included) and return their run
+    directories in order. `threads` is what the whole group may use (None: every core this process may run
+    on): min(threads, len(jobs)) trainings run at once with threads // that many torch threads each, so the
+    group never oversubscribes the cores. A failed training raises once the others have finished."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from glassmind.studies.sweep import cores
+
+    total = threads or cores()
+    workers = max(1, min(total, len(jobs)))
+    each = max(1, total // workers)
+    if len(jobs) > 1:
+        log(f"  training {len(jobs)} models, {workers} at a time x {each} thread(s)")
+    # threads only wait on the pretrain subprocesses; the work runs in those processes
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(train, **{**job, "threads": each}, log=log) for job in jobs]
+        errors = [f.exception() for f in futures]
+    for e in errors:
+        if e is not None:
+            raise e
+    return [f.result() for f in futures]
 
 
 def _child_env() -> dict:

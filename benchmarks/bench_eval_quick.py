@@ -1,6 +1,6 @@
 """Time glassmind.evals.cli.quick_suite on one run: every applicable eval suite at the quick budget.
 
-    python benchmarks/bench_eval_quick.py RUN [OUT] [--threads N]
+    python benchmarks/bench_eval_quick.py RUN [OUT] [--threads N]   (N: CPU threads in all; default every core)
 
 Prints the seconds of each suite, the total wall time, the CPU seconds of this process and of its children
 (the from-scratch models train in `glassmind pretrain` subprocesses), and the CPU it ran on. Start from an empty
@@ -35,7 +35,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("run")
     p.add_argument("out", nargs="?")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads the evals may use in all (default: every core)")
     a = p.parse_args()
     out = Path(a.out) if a.out else Path(a.run) / "evals"
     if out.exists() and any(out.glob("*/models/*/model.safetensors")):

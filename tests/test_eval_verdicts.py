@@ -24,6 +24,13 @@ def test_position_verdict_tells_chance_from_a_u_shape_from_no_effect():
     assert "no position effect" in got[2]  # 0.65 against 0.75 and 0.78: intervals overlap
 
 
+def test_position_verdict_names_a_place_below_the_best_when_it_is_not_the_u_shape():
+    # the quick suite's learned-positions model at 16 records: start 40/40, middle 40/40, end 21/40
+    got = verdict.position(_pos("learned", 40, 40, 21) + _pos("rope", 40, 21, 21), 1 / 8, 16)
+    assert "not the U-shape: end below start" in got[0] and "middle" not in got[0].split(":")[1].split("(")[0]
+    assert "not the U-shape: middle and end below start" in got[1]
+
+
 def test_arithmetic_verdict_refuses_to_judge_generalisation_of_an_unlearned_task():
     plain = [_row(0, digits_format="plain", operand_digits=d) for d in (1, 2, 3, 4)]
     rev = [_row(k, digits_format="reversed", operand_digits=d) for d, k in ((1, 40), (2, 38), (3, 30), (4, 12))]

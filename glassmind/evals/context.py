@@ -11,12 +11,14 @@ BUDGETS = {
               # the pronoun association forms near 1000 steps in some trainings and not in others (README)
               "bias_steps": 2000,
               # addition is learned near step 4000 at d_model 64 (README); 1000 steps learned nothing
-              "arith_steps": 4000},
+              "arith_steps": 4000,
+              # lookup forms near step 1000 with RoPE and learned positions (glassmind/evals/position.py)
+              "position_steps": 1500},
     "full": {"steps": 2000, "batch_tokens": 2048, "probes": 120, "rtuning_steps": 600, "bias_steps": 4000,
-             "arith_steps": 8000},
+             "arith_steps": 8000, "position_steps": 4000},
     # a smoke test of a suite's whole pipeline (tests): models that learn nothing, every stage still runs
     "smoke": {"steps": 8, "batch_tokens": 256, "probes": 40, "rtuning_steps": 4, "bias_steps": 8,
-              "arith_steps": 8},
+              "arith_steps": 8, "position_steps": 8},
 }
 
 

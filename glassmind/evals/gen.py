@@ -73,43 +73,6 @@ def exposure_world(exposures=(0, 1, 2, 4, 8, 16), per_level: int = 16, seed: int
 
 
 # ------------------------------------------------------------------------------------------------------
-# position: one key-value fact at the start, middle or end of a context of many
-
-
-def kv_context(n_pairs: int, where: str, rng: random.Random, keys: list[str]) -> tuple[str, Probe]:
-    """A list of `n_pairs` 'Name has food.' records followed by a question about one of them, placed at the
-    start (first record), middle or end (last record). Distinct keys within one context."""
-    chosen = rng.sample(keys, n_pairs)
-    values = [rng.choice(FOODS) for _ in chosen]
-    pos = {"start": 0, "middle": n_pairs // 2, "end": n_pairs - 1}[where]
-    body = " ".join(f"{k} has {v}." for k, v in zip(chosen, values))
-    prompt = f"{body} Question: what does {chosen[pos]} have? Answer:"
-    return prompt, Probe(prompt, values[pos], FOODS, {"position": where, "n_pairs": n_pairs, "index": pos})
-
-
-def position_data(train_pairs=(4, 16), n_train: int = 3000, test_pairs=(4, 8, 16), n_test: int = 60,
-                  seed: int = 0) -> tuple[list[str], list[Probe]]:
-    """Training contexts have a uniform number of records in `train_pairs` and the question about a uniformly
-    placed record; test contexts are built the same way at each length x {start, middle, end}."""
-    rng = random.Random(f"position:{seed}")
-    keys = names(300, rng)
-    docs = []
-    for _ in range(n_train):
-        n = rng.randint(*train_pairs)
-        where = rng.randrange(n)
-        chosen = rng.sample(keys, n)
-        values = [rng.choice(FOODS) for _ in chosen]
-        body = " ".join(f"{k} has {v}." for k, v in zip(chosen, values))
-        docs.append(f"{body} Question: what does {chosen[where]} have? Answer: {values[where]}")
-    probes = []
-    for n in test_pairs:
-        for where in ("start", "middle", "end"):
-            for _ in range(n_test):
-                probes.append(kv_context(n, where, rng, keys)[1])
-    return docs, probes
-
-
-# ------------------------------------------------------------------------------------------------------
 # reversal curse: "A's parent is B." trained, "B's child is A." tested
 
 

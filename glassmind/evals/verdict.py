@@ -22,19 +22,26 @@ def _fmt(row: dict) -> str:
 
 def position(rows: Sequence[dict], chance: float, n_pairs: int) -> list[str]:
     """Per positional encoding at the longest context: 'retrieval not learned' (every position's interval
-    reaches chance), 'lost in the middle' (middle below both ends, intervals apart), or 'no position effect'."""
+    reaches chance), 'lost in the middle' (middle below both ends, intervals apart), another position effect
+    (a place below the best place, intervals apart: named, with the U-shape said to be absent), or 'no
+    position effect'."""
     out = []
     for pe in dict.fromkeys(r["positional"] for r in rows):
         r = {x["position"]: x for x in rows if x["positional"] == pe and x["n_pairs"] == n_pairs}
         s, m, e = r["start"], r["middle"], r["end"]
         cells = f"start {_fmt(s)}, middle {_fmt(m)}, end {_fmt(e)}"
+        ci = {k: (x["ci_lo"], x["ci_hi"]) for k, x in r.items()}
+        best = max(r, key=lambda k: r[k]["accuracy"])
+        below = [k for k in ("start", "middle", "end") if k != best and apart(ci[k], ci[best])]
         if all(x["ci_lo"] <= chance for x in (s, m, e)):
             out.append(f"{pe}, {n_pairs} records: retrieval not learned (every interval reaches chance "
                        f"{chance:.3f}: {cells}); the U-shape cannot be judged from this model.")
-        elif apart((m["ci_lo"], m["ci_hi"]), (s["ci_lo"], s["ci_hi"])) and \
-                apart((m["ci_lo"], m["ci_hi"]), (e["ci_lo"], e["ci_hi"])) and \
+        elif apart(ci["middle"], ci["start"]) and apart(ci["middle"], ci["end"]) and \
                 m["accuracy"] < min(s["accuracy"], e["accuracy"]):
             out.append(f"{pe}, {n_pairs} records: lost in the middle ({cells}; middle below both ends, intervals apart).")
+        elif below:
+            out.append(f"{pe}, {n_pairs} records: a position effect, but not the U-shape: {' and '.join(below)} "
+                       f"below {best} ({cells}; intervals apart).")
         else:
             out.append(f"{pe}, {n_pairs} records: no position effect shown ({cells}; intervals overlap).")
     return out

@@ -475,7 +475,7 @@ def test_the_position_suite_runs_end_to_end_and_reuses_its_models(tmp_path, caps
     out = tmp_path / "position"
     res = run_suite("position", [], out, budget="smoke", threads=1)
     rows = (out / "points.csv").read_text().splitlines()
-    assert len(rows) == 1 + 3 * 3 * 3  # header, encodings x lengths x places
+    assert len(rows) == 1 + 3 * 4 * 3  # header, encodings x lengths x places
     assert (out / "position.png").stat().st_size > 0 and len(res["runs"]) == 3
     for run in res["runs"]:
         curve = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]

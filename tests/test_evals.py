@@ -484,3 +484,16 @@ def test_the_position_suite_runs_end_to_end_and_reuses_its_models(tmp_path, caps
     capsys.readouterr()
     run_suite("position", [], out, budget="smoke", threads=1)
     assert "3 finished (skipped)" in capsys.readouterr().out
+
+
+def test_the_report_figure_keeps_a_fair_share_of_every_suites_numbers():
+    from glassmind.evals.report import figure_rows
+
+    bars = [(f"big: {i}", 0.5, 0.4, 0.6) for i in range(60)] + [(f"small: {i}", 0.5, 0.4, 0.6) for i in range(3)] + \
+        [(f"mid: {i}", 0.5, 0.4, 0.6) for i in range(20)]
+    rows = figure_rows(bars, cap=48)
+    count = {s: sum(r[0].startswith(s + ":") for r in rows) for s in ("big", "small", "mid")}
+    assert len(rows) == 48 and count["small"] == 3 and count["mid"] == 20 and count["big"] == 25
+    assert [r for r in bars if r in rows] == rows  # order kept, each suite's first rows
+    assert rows[0][0] == "big: 0" and ("big: 25", 0.5, 0.4, 0.6) not in rows
+    assert figure_rows(bars[:10], cap=48) == bars[:10]

@@ -129,6 +129,32 @@ def _headline(value) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def figure_rows(bars: list[tuple], cap: int = 48) -> list[tuple]:
+    """At most `cap` of the (label 'suite: name', value, lo, hi) rows for the figure (the page lists every
+    number), shared fairly: each suite keeps its first rows up to an equal share, and the share left unused by
+    small suites goes to the larger ones; the rows keep their order."""
+    if len(bars) <= cap:
+        return bars
+    suites: dict[str, list[int]] = {}
+    for i, b in enumerate(bars):
+        suites.setdefault(b[0].split(":", 1)[0], []).append(i)
+    quota = {k: 0 for k in suites}
+    left = cap
+    while left > 0:
+        open_ = [k for k in suites if quota[k] < len(suites[k])]
+        if not open_:
+            break
+        share = max(1, left // len(open_))
+        for k in open_:
+            take = min(share, len(suites[k]) - quota[k], left)
+            quota[k] += take
+            left -= take
+            if left == 0:
+                break
+    keep = {i for k, idx in suites.items() for i in idx[:quota[k]]}
+    return [b for i, b in enumerate(bars) if i in keep]
+
+
 def summary_figure(run: Path, metrics: list[dict], evals: list[tuple[Path, dict]], path: Path) -> Path | None:
     """The page's main figure: the training loss (left) and every eval number that has an interval (right)."""
     import matplotlib
@@ -145,7 +171,8 @@ def summary_figure(run: Path, metrics: list[dict], evals: list[tuple[Path, dict]
                 bars.append((f"{res['suite']}: {k}", *map(float, m.groups())))
     if not loss and not bars:
         return None
-    bars = bars[:48]  # the page lists every number; the figure keeps it readable
+    total = len(bars)
+    bars = figure_rows(bars)
     fig, axes = plt.subplots(1, 2, figsize=(13, max(3.5, 0.28 * len(bars) + 1)),
                              gridspec_kw={"width_ratios": [1, 1.6]})
     if loss:
@@ -159,7 +186,8 @@ def summary_figure(run: Path, metrics: list[dict], evals: list[tuple[Path, dict]
                          fmt="o", capsize=3)
         axes[1].set_yticks(list(ys), [b[0][:70] for b in bars], fontsize=7)
         axes[1].invert_yaxis()
-        axes[1].set_title("eval numbers (95% intervals)")
+        shown = "" if len(bars) == total else f"; {len(bars)} of {total}, all on the page"
+        axes[1].set_title(f"eval numbers (95% intervals{shown})")
     else:
         axes[1].axis("off")
     fig.tight_layout()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from glassmind.common import cpu_summary
 from glassmind.evals import position as pos
-from glassmind.studies import sweep
+from glassmind.train import pool
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     decay = sys.argv[4] if len(sys.argv) > 4 else pos.DECAY
     points = [{"name": f"{pe}-{loss}-{steps}-{decay}", "positional": pe, "steps": steps, "seed": 0, "loss": loss,
                "decay": decay, "out": str(out / f"{pe}-{loss}-{decay}")} for loss in ("lookups", "all")]
-    results = sweep.run_points(out, points, pos.train_point, workers=2, label="loss variants")
+    results = pool.run_points(out, points, pos.train_point, workers=2, label="loss variants")
     print(f"{pe} positions, {steps} steps, {decay} lr, fp32; {cpu_summary()}")
     for p, r in zip(points, results):
         curve = " ".join(f"{c['step']}:{c['lookup_accuracy']:.2f}" for c in r["curve"][1::2])

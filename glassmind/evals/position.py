@@ -176,14 +176,14 @@ def train_point(point: dict, threads: int) -> dict:
 
 def run(ctx: EvalContext) -> dict:
     from glassmind.model import load_model
-    from glassmind.studies import sweep
+    from glassmind.train import pool
 
     t0 = time.time()
     steps = ctx.b["position_steps"]
     points = [{"name": f"pos-{pe}-{steps}-{DECAY}-ctx{MODEL_CONTEXT}", "positional": pe, "steps": steps, "seed": 0,
                "out": str(ctx.work / f"pos-{pe}")} for pe in ENCODINGS]
     ctx.log(f"  training {len(points)} decoders ({steps} steps each; lookup accuracy logged as they learn)")
-    trained = sweep.run_points(ctx.work, points, train_point, workers=min(ctx.threads or 0, len(points)),
+    trained = pool.run_points(ctx.work, points, train_point, workers=min(ctx.threads or 0, len(points)),
                                label="position models")
     items = probes(ctx.b["probes"])
     rows = []

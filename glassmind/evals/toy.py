@@ -3,7 +3,7 @@
 train(...) writes the documents to JSONL and runs the pretrain recipe as a subprocess
 (`python -m glassmind pretrain ...`), exactly as a person would; a run whose data and flags are unchanged
 is reused (a `.eval_stamp` holds their hash), so a repeated eval does not retrain. train_many(...) trains a
-suite's independent models side by side, one per core (glassmind.studies.sweep.plan_workers): these models
+suite's independent models side by side, one per core (glassmind.train.pool.plan_workers): these models
 are too small for a second thread to help one of them, so two cores train two of them in about the time of one.
 
 score_candidates(...) picks a probe's answer from its closed candidate set by the model's log-probability
@@ -75,7 +75,7 @@ def train_many(jobs: Sequence[dict], *, threads: int | None = None, log=print) -
     group never oversubscribes the cores. A failed training raises once the others have finished."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from glassmind.studies.sweep import cores
+    from glassmind.train.pool import cores
 
     total = threads or cores()
     workers = max(1, min(total, len(jobs)))

@@ -1,5 +1,6 @@
 """The limits evals' metrics pinned to hand-worked values, and their generators to the exposure counts they
-promise. No model is trained here (the suites' training is exercised by `glassmind eval`, see README)."""
+promise; the position suite's training rows and its whole pipeline at the smoke budget (8-step models that
+learn nothing); how suites train their models side by side. Real budgets run by `glassmind eval` (README)."""
 
 from __future__ import annotations
 

@@ -184,7 +184,7 @@ def run(ctx: EvalContext) -> dict:
                "out": str(ctx.work / f"pos-{pe}")} for pe in ENCODINGS]
     ctx.log(f"  training {len(points)} decoders ({steps} steps each; lookup accuracy logged as they learn)")
     trained = pool.run_points(ctx.work, points, train_point, workers=min(ctx.threads or 0, len(points)),
-                               label="position models")
+                              label="position models")
     items = probes(ctx.b["probes"])
     rows = []
     for pe, point in zip(ENCODINGS, points):

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from glassmind.evals import gen, output, verdict
 from glassmind.evals.context import EvalContext
-from glassmind.evals.stats import wilson
+from glassmind.evals.stats import accuracy_row
 
 N_KEYS = 120
 MAX_RECORDS = 16
@@ -167,9 +167,7 @@ def train_point(point: dict, threads: int) -> dict:
                           "seconds": round(time.time() - t0, 1)})
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, out)
-    words = vocabulary()
-    WordPieceTokenizer({w: i for i, w in enumerate(words)}, special_tokens=["[UNK]"], cls_token=None,
-                       sep_token=None).save(out)
+    WordPieceTokenizer.of_words(vocabulary()).save(out)
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve), encoding="utf-8")
     return {"curve": curve, "train_seconds": round(time.time() - t0, 1)}
 
@@ -193,10 +191,7 @@ def run(ctx: EvalContext) -> dict:
         for n in TEST_RECORDS:
             for place in PLACES:
                 ok = [a == p["answer"] for a, p in zip(got, items) if p["n_records"] == n and p["position"] == place]
-                k = sum(ok)
-                lo, hi = wilson(k, len(ok))
-                rows.append({"positional": pe, "n_pairs": n, "position": place, "n": len(ok), "correct": k,
-                             "accuracy": k / len(ok), "ci_lo": lo, "ci_hi": hi})
+                rows.append(accuracy_row(ok, positional=pe, n_pairs=n, position=place))
     output.write_points(ctx.out, rows)
     chance = 1 / len(VALUE_IDS)
     fig, axes = output.figure(1, 4, figsize=(15, 3.6))

@@ -14,18 +14,12 @@ import numpy as np
 
 from glassmind.evals import gen, output, toy, verdict
 from glassmind.evals.context import EvalContext
-from glassmind.evals.stats import wilson
+from glassmind.evals.stats import accuracy_row
 
 
 def _choose(model, tok, probes) -> list[bool]:
     lps = toy.candidate_logprobs(model, tok, [p.prompt for p in probes], [p.candidates for p in probes])
     return [p.candidates[int(np.argmax(lp))] == p.answer for p, lp in zip(probes, lps)]
-
-
-def _acc_row(ok: list[bool], **cond) -> dict:
-    k, n = sum(ok), len(ok)
-    lo, hi = wilson(k, n)
-    return {**cond, "n": n, "correct": k, "accuracy": k / max(n, 1), "ci_lo": lo, "ci_hi": hi}
 
 
 def reversal(ctx: EvalContext) -> dict:
@@ -40,7 +34,7 @@ def reversal(ctx: EvalContext) -> dict:
         model, tok = toy.load(run)
         ok = _choose(model, tok, probes)
         for d in ("forward", "reverse"):
-            rows.append(_acc_row([o for o, p in zip(ok, probes) if p.condition["direction"] == d],
+            rows.append(accuracy_row([o for o, p in zip(ok, probes) if p.condition["direction"] == d],
                                  data="with reverse" if augment else "forward only", direction=d,
                                  chance=1 / ctx.b["probes"]))
     output.write_points(ctx.out, rows)
@@ -83,7 +77,7 @@ def arithmetic(ctx: EvalContext) -> dict:
                              stop=";")
         ok = [a == p.answer for a, p in zip(answers, probes)]
         for d in test_digits:
-            rows.append(_acc_row([o for o, p in zip(ok, probes) if p.condition["digits"] == d],
+            rows.append(accuracy_row([o for o, p in zip(ok, probes) if p.condition["digits"] == d],
                                  digits_format=fmt, operand_digits=d, trained_on="1-3 digits"))
     output.write_points(ctx.out, rows)
     fig, ax = output.figure(figsize=(5.5, 3.6))

@@ -1,6 +1,7 @@
 """The numbers every eval reports, each small and pinned to hand-worked examples in tests/test_evals.py.
 
     wilson(k, n)                      95% Wilson score interval of a proportion (Wilson 1927)
+    accuracy_row(ok, **condition)     one measured cell: n, correct, accuracy and its Wilson interval
     bootstrap_ci(values, stat)        percentile bootstrap interval of any statistic of a sample
     ece(conf, correct, bins)          expected calibration error, equal-width bins (Guo et al. 2017, eq. 3)
     reliability(conf, correct, bins)  the diagram's per-bin (count, mean confidence, accuracy)
@@ -34,6 +35,13 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, center - half), min(1.0, center + half))
+
+
+def accuracy_row(ok: Sequence[bool], **condition) -> dict:
+    """A row of points.csv for one condition: its fields, then n, correct, accuracy and the Wilson interval."""
+    k, n = int(sum(ok)), len(ok)
+    lo, hi = wilson(k, n)
+    return {**condition, "n": n, "correct": k, "accuracy": k / max(n, 1), "ci_lo": lo, "ci_hi": hi}
 
 
 def bootstrap_ci(values: Sequence, stat: Callable[[np.ndarray], float] = np.mean, *, n_boot: int = 1000,

@@ -126,9 +126,7 @@ def log_steps(total: int, n: int) -> list[int]:
 def tokenizer_for(vocab: int):
     from glassmind.tokenizer.wordpiece import WordPieceTokenizer
 
-    words = ["[UNK]"] + [f"w{i}" for i in range(1, vocab)]
-    return WordPieceTokenizer({w: i for i, w in enumerate(words)}, special_tokens=["[UNK]"], cls_token=None,
-                              sep_token=None)
+    return WordPieceTokenizer.of_words(["[UNK]"] + [f"w{i}" for i in range(1, vocab)])
 
 
 def train(cfg: InductionConfig) -> Path:

@@ -72,6 +72,14 @@ class WordPieceTokenizer(Tokenizer):
         self._cache: dict[str, tuple[int, ...]] = {}
         self._special_re: dict[frozenset, re.Pattern] = {}
 
+    @classmethod
+    def of_words(cls, words: Sequence[str]) -> "WordPieceTokenizer":
+        """A tokenizer whose every token is one whole word of `words` (ids in that order; "[UNK]" must be
+        among them), case kept, no [CLS]/[SEP]: the vocabulary of a synthetic task (the induction study, the
+        position eval), so its models' ids decode to readable words."""
+        return cls({w: i for i, w in enumerate(words)}, special_tokens=["[UNK]"], cls_token=None, sep_token=None,
+                   lowercase=False)
+
     # -- training -----------------------------------------------------------------------------------------
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, *, lowercase: bool = True,
